@@ -1,0 +1,127 @@
+"""Stream tensors out of and into Hugging Face safetensors checkpoints, one tensor at a time.
+
+Weight-space merges read each tensor from every input through memory-mapped ``safe_open`` and
+write the result shard by shard, so no whole model is ever materialised.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from surgery.errors import ModelError
+from surgery.io import atomic_path, write_json, write_tensors
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# files copied from the reference checkpoint so the result loads with stock from_pretrained
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
+    "chat_template.jinja", "preprocessor_config.json", "processor_config.json", "zoo.json",
+)
+
+
+class CheckpointReader:
+    """Tensor names and lazy tensor access for a safetensors checkpoint directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._file_of = _tensor_files(self.directory)
+        self._handles: dict[str, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self._file_of.get(name)
+        if file is None:
+            raise ModelError(f"{self.directory}: no tensor named {name!r}")
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(self.directory / file), framework="pt")
+        return self._handles[file].get_tensor(name)
+
+    def shape(self, name: str) -> list[int]:
+        file = self._file_of[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(self.directory / file), framework="pt")
+        return list(self._handles[file].get_slice(name).get_shape())
+
+
+def _tensor_files(directory: Path) -> dict[str, str]:
+    index = directory / INDEX_FILE
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = directory / SINGLE_FILE
+    if not single.is_file():
+        raise ModelError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
+    try:
+        with safe_open(str(single), framework="pt") as handle:
+            return {name: SINGLE_FILE for name in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types for truncated files
+        raise ModelError(f"{single}: not a valid safetensors file ({exc})") from None
+
+
+class CheckpointWriter:
+    """Collects tensors and writes them as size-capped safetensors shards plus an index."""
+
+    def __init__(self, directory: Path, like: Path | None, max_shard_bytes: int | None = None) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.like = Path(like) if like else None
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[dict[str, torch.Tensor] | list[str]] = []
+        self._weight_map: dict[str, str] = {}
+        self._total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.max_shard_bytes and self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().contiguous().cpu()
+        self._pending_bytes += size
+        self._total_bytes += size
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        file = f"model-{len(self._shards) + 1:05d}.safetensors"
+        write_tensors(self.directory / file, self._pending, metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._weight_map.update({name: file for name in self._pending})
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> Path:
+        """Write the last shard, rename shards to the stock naming, write the index and side files."""
+        self._flush()
+        if len(self._shards) == 1:
+            (self.directory / "model-00001.safetensors").replace(self.directory / SINGLE_FILE)
+        else:
+            total = len(self._shards)
+            renames = {f"model-{i:05d}.safetensors": f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)}
+            for old, new in renames.items():
+                (self.directory / old).replace(self.directory / new)
+            weight_map = {name: renames[file] for name, file in self._weight_map.items()}
+            write_json(self.directory / INDEX_FILE, {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map})
+        if self.like:
+            copy_side_files(self.like, self.directory)
+        return self.directory
+
+
+def copy_side_files(source: Path, target: Path) -> None:
+    """Copy config, tokenizer and similar small files from ``source`` to ``target`` atomically."""
+    for name in SIDE_FILES:
+        if (source / name).is_file():
+            with atomic_path(target / name) as tmp:
+                shutil.copyfile(source / name, tmp)
+
+
+def iter_tensors(reader: CheckpointReader) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in reader.names():
+        yield name, reader.get(name)

@@ -1,0 +1,145 @@
+"""The ``surgery`` command line."""
+from __future__ import annotations
+
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+import click
+
+from surgery.errors import SurgeryError
+from surgery.manager import Manager, get_manager
+from surgery.recipe import load_recipe
+
+
+def _manager(plugin_refs: tuple[str, ...] = ()) -> Manager:
+    manager = get_manager()
+    for ref in plugin_refs:
+        manager.add(ref, Path.cwd())
+    return manager
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def cli(debug: bool) -> None:
+    """Surgery on transformer models: capture, score, align, fuse, attribute, prune, heal."""
+
+
+def _common_run_options(fn):
+    fn = click.option("--plugin", "plugin_refs", multiple=True, metavar="MODULE_OR_FILE", help="Load an extra plugin.")(fn)
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. steps.2.plugin=ties.")(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@_common_run_options
+@click.option("--output", default=None, help="Run directory (overrides the recipe's output).")
+@click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def run(recipe: str, overrides: tuple[str, ...], plugin_refs: tuple[str, ...], output: str | None, device: str | None, debug: bool) -> None:
+    """Validate RECIPE, then run its steps (finished steps are reused)."""
+    from surgery.runner import run_recipe
+
+    manager = _manager(plugin_refs)
+    parsed = load_recipe(recipe, manager, overrides, output)
+    report = run_recipe(parsed, manager, device)
+    for step in report["steps"]:
+        figures = ", ".join(f"{k}={_short(v)}" for k, v in step["figures"].items())
+        click.echo(f"[{step['index']}] {step['stage']:<9} {step['plugin']:<16} {step['status']:<6} {step['seconds']:>7.2f}s  {figures}")
+    click.echo(f"run directory: {parsed.output}")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@_common_run_options
+def validate(recipe: str, overrides: tuple[str, ...], plugin_refs: tuple[str, ...]) -> None:
+    """Check RECIPE without loading any model or data."""
+    parsed = load_recipe(recipe, _manager(plugin_refs), overrides)
+    click.echo(f"{recipe}: ok ({len(parsed.steps)} steps, output {parsed.output})")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--plugin", "plugin_refs", multiple=True, metavar="MODULE_OR_FILE", help="Load an extra plugin.")
+def plugins(as_json: bool, plugin_refs: tuple[str, ...]) -> None:
+    """List installed plugins, the stages they implement and what they do."""
+    manager = _manager(plugin_refs)
+    rows = [{"name": n, "stages": manager.stages_of(n), "summary": manager.summary(n)} for n in manager.names()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']:<20} {','.join(row['stages']) or '(registers)':<28} {row['summary']}")
+
+
+@cli.command()
+@click.argument("plugin")
+@click.option("--plugin", "plugin_refs", multiple=True, metavar="MODULE_OR_FILE", help="Load an extra plugin.")
+def describe(plugin: str, plugin_refs: tuple[str, ...]) -> None:
+    """Show PLUGIN's stages and options (types, defaults, descriptions)."""
+    manager = _manager(plugin_refs)
+    click.echo(f"{plugin}: {manager.summary(plugin)}")
+    for stage in manager.stages_of(plugin):
+        click.echo(f"\n  {stage}:")
+        fields = manager.schema(plugin, stage).model_fields
+        if not fields:
+            click.echo("    (no options)")
+        for name, field in fields.items():
+            kind = getattr(field.annotation, "__name__", str(field.annotation)).replace("typing.", "")
+            default = "required" if field.is_required() else f"default {field.default!r}"
+            click.echo(f"    {name:<18} {kind:<16} {default:<22} {field.description or ''}")
+
+
+@cli.command()
+@click.argument("template", default="merge")
+@click.option("--output", "-o", default=None, help="File to write (default: TEMPLATE.yaml).")
+def init(template: str, output: str | None) -> None:
+    """Write a starter recipe (templates: see `surgery init --list`)."""
+    names = sorted(p.name[:-5] for p in resources.files("surgery.templates").iterdir() if p.name.endswith(".yaml"))
+    if template not in names:
+        from surgery.registry import did_you_mean
+
+        raise SurgeryError(f"unknown template {template!r}" + did_you_mean(template, names))
+    target = Path(output or f"{template}.yaml")
+    if target.exists():
+        raise SurgeryError(f"{target} exists; choose another name with --output")
+    from surgery.io import write_text
+
+    write_text(target, resources.files("surgery.templates").joinpath(f"{template}.yaml").read_text())
+    click.echo(f"wrote {target}; run it with: surgery run {target}")
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _add_plugin_commands() -> None:
+    try:
+        get_manager().pm.hook.register_commands(cli=cli)
+    except SurgeryError:
+        pass  # reported again, with a message, when a command needs the manager
+
+
+def main() -> None:
+    """Entry point: one-line errors and exit code 2 for bad input; tracebacks only with --debug."""
+    debug = "--debug" in sys.argv
+    try:
+        _add_plugin_commands()
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except SurgeryError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Model specs, ``builtin:`` names, loading, and fingerprints.
+
+A recipe model is a string (``builtin:NAME``, a local directory, or a hub id) or a mapping
+``{path: ..., dtype: float32, device_map: auto, trust_remote_code: false}``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from surgery.errors import ModelError
+from surgery.registry import Registry
+
+MODELS: Registry = Registry("built-in model", ModelError)
+BUILTIN = "builtin:"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelSpec(BaseModel):
+    """Where a model comes from and how to place it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str = Field(description="builtin:NAME, a local directory, or a hub id")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device_map: str | None = Field(None, description="accelerate placement, e.g. 'auto'")
+    trust_remote_code: bool = False
+
+
+def cache_dir() -> Path:
+    """Root of the on-disk cache (``$SURGERY_CACHE``, default ``~/.cache/model-surgery``)."""
+    return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "model-surgery"))
+
+
+def parse_model_spec(value: Any, base_dir: Path) -> ModelSpec:
+    """Validate a recipe's model entry without loading it."""
+    if isinstance(value, str):
+        value = {"path": value}
+    if not isinstance(value, dict):
+        raise ModelError("expected a model path string or a mapping with 'path'")
+    spec = ModelSpec(**value)
+    if spec.path.startswith(BUILTIN):
+        _ensure_registries()
+        MODELS.get(spec.path[len(BUILTIN):])
+        return spec
+    local = _local_path(spec.path, base_dir)
+    if local is not None:
+        if not (local / "config.json").is_file():
+            raise ModelError(f"{spec.path}: no config.json in this directory")
+        return spec.model_copy(update={"path": str(local)})
+    if _looks_like_hub_id(spec.path):
+        return spec
+    raise ModelError(f"model directory not found: {spec.path}")
+
+
+def _local_path(path: str, base_dir: Path) -> Path | None:
+    candidate = Path(path) if Path(path).is_absolute() else base_dir / path
+    if candidate.exists():
+        return candidate.resolve()
+    return None
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return path.count("/") == 1 and not path.startswith((".", "/", "~")) and "\\" not in path
+
+
+def _ensure_registries() -> None:
+    from surgery.manager import get_manager
+
+    get_manager()
+
+
+def resolve_path(spec: ModelSpec) -> Path | str:
+    """The directory to load from; builds ``builtin:`` models on first use."""
+    if spec.path.startswith(BUILTIN):
+        _ensure_registries()
+        build = MODELS.get(spec.path[len(BUILTIN):])
+        return Path(build(cache_dir()))
+    return Path(spec.path) if Path(spec.path).exists() else spec.path
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    module: torch.nn.Module
+    tokenizer: Any
+    path: Path | None
+    fingerprint: str
+    part: str = "language"
+
+    @property
+    def view(self):
+        from surgery.adapters import view
+
+        return view(self.module, part=self.part)
+
+
+def load_model(name: str, spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model and its tokenizer with stock ``transformers`` classes, in eval mode."""
+    import transformers
+
+    path = resolve_path(spec)
+    kwargs: dict[str, Any] = {"dtype": DTYPES[spec.dtype], "trust_remote_code": spec.trust_remote_code}
+    if spec.device_map:
+        kwargs["device_map"] = spec.device_map
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+        model_class = _model_class(config)
+        module = model_class.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {name!r} from {path}: {str(exc).splitlines()[0]}") from None
+    if not spec.device_map:
+        module.to(device)
+    module.eval()
+    tokenizer = _load_tokenizer(path)
+    return LoadedModel(name, module, tokenizer, Path(path) if isinstance(path, Path) else None, fingerprint(path))
+
+
+def _model_class(config: Any) -> Any:
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def _load_tokenizer(path: Path | str) -> Any:
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def fingerprint(path: Path | str) -> str:
+    """A cheap identity of a checkpoint: config plus names, sizes and mtimes of its weight files."""
+    if not isinstance(path, Path) or not path.is_dir():
+        return f"hub:{path}"
+    h = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.is_file():
+            stat = file.stat()
+            h.update(json.dumps([file.name, stat.st_size, stat.st_mtime_ns]).encode())
+    return h.hexdigest()[:16]

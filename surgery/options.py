@@ -1,0 +1,18 @@
+"""Base class for plugin option schemas."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Options(BaseModel):
+    """Plugin options: typed, documented, unknown keys rejected.
+
+    Subclass it, give every field a type, a default where sensible and a ``description``
+    (``Field(0.5, ge=0, le=1, description="...")``); ``surgery describe`` prints them.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoOptions(Options):
+    """For stages that take no options."""

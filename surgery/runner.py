@@ -1,0 +1,200 @@
+"""Runs a validated recipe step by step into a run directory, reusing finished steps.
+
+Run directory layout::
+
+    <output>/
+      report.json                 every step: status (ran/reused), seconds, figures
+      run.log
+      00-capture-fam/             tensors.safetensors, meta.json, done.json, plots, model/
+      01-score-fam/ ...
+
+A step is finished when its ``done.json`` exists; it records the step's fingerprint (stage, plugin,
+normalised options, model fingerprints, data spec, seed, and the previous step's fingerprint). A
+re-run reuses a finished step whose fingerprint is unchanged. Steps are written into a temporary
+directory and renamed into place, so a crash never leaves a directory that looks finished.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery import __version__
+from surgery.artifacts import Artifact
+from surgery.context import StepContext
+from surgery.errors import PluginError, SurgeryError
+from surgery.io import read_json, write_json
+from surgery.manager import Manager
+from surgery.models import LoadedModel, fingerprint, load_model, resolve_path
+from surgery.recipe import Recipe, Step
+
+DONE_FILE = "done.json"
+REPORT_FILE = "report.json"
+LOG_FILE = "run.log"
+
+
+class Run:
+    """State of one recipe execution: loaded models, finished artifacts, the report."""
+
+    def __init__(self, recipe: Recipe, manager: Manager, device: str | None = None, quiet: bool | None = None) -> None:
+        self.recipe = recipe
+        self.manager = manager
+        self.device = device or recipe.device
+        self.quiet = quiet
+        self.output = recipe.output
+        self.loaded: dict[str, LoadedModel] = {}
+        self.produced: dict[str, tuple[Path, str]] = {}  # model name -> (directory, fingerprint)
+        self.finished: dict[str, tuple[Step, Artifact]] = {}
+        self._examples: dict[str, list[dict]] = {}
+        self.report: dict[str, Any] = {"recipe": recipe.name, "source": recipe.source, "version": __version__, "steps": []}
+
+    # --- models and data -----------------------------------------------------------------------
+    def model_path(self, name: str) -> Path:
+        if name in self.produced:
+            return self.produced[name][0]
+        path = resolve_path(self.recipe.models[name])
+        if not isinstance(path, Path):
+            raise SurgeryError(f"model {name!r} ({path}) is not a local checkpoint; weight-space steps need one")
+        return path
+
+    def model_fingerprint(self, name: str) -> str:
+        if name in self.produced:
+            return self.produced[name][1]
+        return fingerprint(resolve_path(self.recipe.models[name]))
+
+    def model(self, name: str) -> LoadedModel:
+        if name not in self.loaded:
+            from surgery.models import ModelSpec
+
+            spec = ModelSpec(path=str(self.produced[name][0])) if name in self.produced else self.recipe.models[name]
+            self.log(f"loading model {name!r} from {spec.path}")
+            self.loaded[name] = load_model(name, spec, self.device)
+        return self.loaded[name]
+
+    def examples(self, spec: Any) -> list[dict]:
+        from surgery.data import load_examples
+
+        key = spec.model_dump_json()
+        if key not in self._examples:
+            self._examples[key] = load_examples(spec, self.recipe.seed, self.recipe.base_dir)
+        return self._examples[key]
+
+    # --- steps ---------------------------------------------------------------------------------
+    def upstream(self, step: Step, stage: str) -> Artifact:
+        wanted = step.inputs.get(stage)
+        for name, (earlier, artifact) in reversed(list(self.finished.items())):
+            if (wanted and name == wanted) or (not wanted and earlier.stage == stage):
+                return artifact
+        raise SurgeryError(f"step {step.index} ({step.stage}: {step.plugin}) needs an earlier {stage} step")
+
+    def weighter(self) -> Any:
+        for step in self.recipe.steps:
+            if step.stage == "weight":
+                ctx = StepContext(self, step, self.output / step.dirname)
+                return self.manager.call_stage(step.plugin, "weight", ctx=ctx)
+        return UniformWeighter()
+
+    def step_fingerprint(self, step: Step, previous: str) -> str:
+        data = self.recipe.data.get(step.data) if step.data else None
+        record = {
+            "version": __version__, "stage": step.stage, "plugin": step.plugin,
+            "options": step.options.model_dump(mode="json"), "models": {m: self.model_fingerprint(m) for m in step.models},
+            "data": data.model_dump(mode="json") if data is not None else None, "inputs": step.inputs,
+            "seed": self.recipe.seed, "previous": previous, "as": step.output_model,
+        }
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+    def execute(self) -> dict[str, Any]:
+        """Run every step in order; return the report."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.log(f"run {self.recipe.name!r} from {self.recipe.source}")
+        previous = ""
+        for step in self.recipe.steps:
+            previous = self.step_fingerprint(step, previous)
+            self._run_step(step, previous)
+        self.log("done")
+        return self.report
+
+    def _run_step(self, step: Step, fp: str) -> None:
+        final = self.output / step.dirname
+        start = time.perf_counter()
+        done = final / DONE_FILE
+        if done.is_file() and read_json(done).get("fingerprint") == fp:
+            artifact = Artifact.load(final)
+            status = "reused"
+        else:
+            artifact = self._compute(step, final, fp)
+            status = "ran"
+        seconds = round(time.perf_counter() - start, 3)
+        self.finished[step.name] = (step, artifact)
+        if step.output_model and artifact.model_dir is not None:
+            self.produced[step.output_model] = (artifact.model_dir, fp)
+        self.log(f"step {step.index} ({step.stage}: {step.plugin}) {status} in {seconds}s")
+        self.report["steps"].append({
+            "index": step.index, "name": step.name, "stage": step.stage, "plugin": step.plugin, "status": status,
+            "seconds": seconds, "dir": step.dirname, "figures": artifact.figures, "model": step.output_model,
+        })
+        write_json(self.output / REPORT_FILE, self.report)
+
+    def _compute(self, step: Step, final: Path, fp: str) -> Artifact:
+        tmp = self.output / f".{step.dirname}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        ctx = StepContext(self, step, tmp)
+        torch.manual_seed(self.recipe.seed)
+        artifact = self._call(step, ctx)
+        if not isinstance(artifact, Artifact):
+            raise PluginError(f"step {step.index} ({step.stage}: {step.plugin}): plugin returned {type(artifact).__name__}, not an Artifact")
+        if artifact.model_dir is None and ctx.saved_model is not None:
+            artifact.model_dir = ctx.saved_model
+        artifact.save(tmp)
+        write_json(tmp / DONE_FILE, {"fingerprint": fp, "finished": _now()})
+        _replace_dir(tmp, final)
+        return Artifact.load(final)
+
+    def _call(self, step: Step, ctx: StepContext) -> Any:
+        where = f"step {step.index} ({step.stage}: {step.plugin})"
+        try:
+            return self.manager.call_stage(step.plugin, step.stage, ctx=ctx)
+        except SurgeryError as exc:
+            if str(exc).startswith("step "):
+                raise
+            raise type(exc)(str(exc), where=where) from exc
+        except Exception as exc:
+            raise PluginError(f"plugin raised {type(exc).__name__}: {exc}", where=where) from exc
+
+    def log(self, message: str) -> None:
+        self.output.mkdir(parents=True, exist_ok=True)
+        with open(self.output / LOG_FILE, "a", encoding="utf-8") as handle:
+            handle.write(f"{_now()} {message}\n")
+
+
+class UniformWeighter:
+    """Every real token weighs 1, padding 0."""
+
+    def weights(self, logits_btv: torch.Tensor | None, input_ids_bt: torch.Tensor, mask_bt: torch.Tensor) -> torch.Tensor:
+        return mask_bt.to(torch.float32)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` onto ``final``; an old ``final`` is moved aside first and then deleted."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.replace(old)
+    tmp.replace(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_recipe(recipe: Recipe, manager: Manager, device: str | None = None, quiet: bool | None = None) -> dict[str, Any]:
+    return Run(recipe, manager, device, quiet).execute()
