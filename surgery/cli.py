@@ -127,7 +127,9 @@ def main() -> None:
     debug = "--debug" in sys.argv
     try:
         _add_plugin_commands()
-        cli.main(standalone_mode=False)
+        code = cli.main(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -181,8 +181,8 @@ def _validate_steps(steps_raw: list, manager: Manager, models: dict, data: dict,
     known_models = list(models)
     names: set[str] = set()
     for index, item in enumerate(steps_raw):
-        where = f"steps[{index}]"
-        step = _parse_step(item, index, manager, where, source)
+        step = _parse_step(item, index, manager, f"steps[{index}]", source)
+        where = f"steps[{index}].{step.stage}"
         step.models = step.models or _default_models(step.stage, known_models, steps, list(models))
         for model in step.models:
             if model not in known_models:
