@@ -1,13 +1,29 @@
-"""Weight-space merge baselines: linear averaging and task arithmetic (DESIGN §2.7).
+"""Weight-space merge baselines: linear, task arithmetic, TIES and DARE (DESIGN §2.7).
 
-Both stream: for each tensor name, one tensor of each model is read from its memory-mapped
+All stream: for each tensor name, one tensor of each model is read from its memory-mapped
 safetensors file, combined in float32, cast back to the base dtype and handed to a shard writer.
+With task vectors tau_i = W_i - W_base (base = the first model):
 
 - linear:          W* = sum_i w_i W_i                  (weights default to 1/N each)
-- task-arithmetic: W* = W_base + sum_i lambda_i (W_i - W_base)
+- task-arithmetic: W* = W_base + sum_i lambda_i tau_i
+- ties:            (Yadav et al. 2023) per tensor, trim each tau_i to its ``density`` share of largest
+                   |entries|; elect a sign per entry, gamma = sign(sum_i trimmed tau_i); disjoint mean
+                   over the donors whose trimmed entry is non-zero with sign gamma;
+                   W* = W_base + lambda * merged
+- dare:            (Yu et al. 2024) drop each entry of tau_i with probability 1 - density and rescale
+                   the rest by 1/density; W* = W_base + lambda * sum_i dropped tau_i (or, with
+                   ``sign_election``, TIES' elect + disjoint mean of the dropped vectors). The masks
+                   are drawn from a generator seeded by (recipe seed, tensor name, donor index), so a
+                   merge is reproducible and independent of tensor order.
+
+Every plugin takes ``map:`` (see :mod:`surgery.hetero`): for a heterogeneous pair such as a LLaVA
+base and a plain Llama donor, base tensors are paired with donor tensors by declared rules and the
+tensors the map keeps (the vision tower) are copied from the base untouched.
 """
 from __future__ import annotations
 
+import math
+import zlib
 from typing import Callable
 
 import torch
@@ -16,12 +32,16 @@ from pydantic import Field
 from surgery import hookimpl
 from surgery.artifacts import Artifact
 from surgery.checkpoint import CheckpointReader
-from surgery.errors import ModelError, RecipeError
+from surgery.errors import RecipeError
+from surgery.hetero import TensorMap, load_map, plan_merge
 from surgery.options import Options
+
+MAP_HELP = "tensor map for a heterogeneous pair: a built-in name (e.g. llava-from-llama), a YAML file, or inline rules"
 
 
 class StreamOptions(Options):
     max_shard_mb: float | None = Field(256.0, gt=0, description="cap on each output safetensors shard (MiB)")
+    map: str | dict | None = Field(None, description=MAP_HELP)
 
 
 class LinearOptions(StreamOptions):
@@ -33,40 +53,48 @@ class TaskArithmeticOptions(StreamOptions):
     scale: float | list[float] = Field(1.0, description="lambda per donor (one number for all, or a list)")
 
 
-def stream_merge(ctx, combine: Callable[[list[torch.Tensor]], torch.Tensor], max_shard_mb: float | None) -> Artifact:
+def stream_merge(ctx, combine: Callable[[list[torch.Tensor]], torch.Tensor], max_shard_mb: float | None,
+                 tensor_map: TensorMap | None = None) -> Artifact:
     """Apply ``combine`` to each tensor of ``ctx.models`` (float32, base first) and save the result."""
+    return stream_merge_named(ctx, lambda _name, tensors: combine(tensors), max_shard_mb, tensor_map)
+
+
+def stream_merge_named(ctx, combine: Callable[[str, list[torch.Tensor]], torch.Tensor], max_shard_mb: float | None,
+                       tensor_map: TensorMap | None = None) -> Artifact:
+    """Like :func:`stream_merge`, with ``combine(base_tensor_name, tensors)``.
+
+    Base tensors that ``tensor_map`` keeps, and non-float tensors, are copied from the base.
+    """
     if len(ctx.models) < 2:
         raise RecipeError(f"{ctx.where}.models: a merge needs at least two models, got {ctx.models}")
+    tensor_map = tensor_map if tensor_map is not None else map_option(ctx)
     readers = [CheckpointReader(ctx.model_path(name)) for name in ctx.models]
     base = readers[0]
-    _check_compatible(ctx.models, readers)
+    donors = {name: (reader.names(), reader.shape) for name, reader in zip(ctx.models[1:], readers[1:])}
+    plan = plan_merge(base.names(), base.shape, donors, tensor_map)
     writer = ctx.model_writer(like=ctx.models[0], max_shard_mb=max_shard_mb)
-    merged = 0
+    merged = kept = 0
     for name in ctx.progress(base.names(), desc="merging tensors"):
         first = base.get(name)
-        if not first.is_floating_point():
+        sources = plan.sources[name]
+        if sources is None or not first.is_floating_point():
             writer.add(name, first)
+            kept += first.numel()
             continue
-        tensors = [first.float()] + [r.get(name).float() for r in readers[1:]]
-        writer.add(name, combine(tensors).to(first.dtype))
+        tensors = [first.float()] + [r.get(source).float() for r, source in zip(readers[1:], sources)]
+        writer.add(name, combine(name, tensors).to(first.dtype))
         merged += first.numel()
     model_dir = writer.close()
-    return Artifact(meta={"models": ctx.models}, figures={"merged_params": merged}, model_dir=model_dir)
+    unused = {donor: len(names) for donor, names in plan.unused.items() if names}
+    meta = {"models": ctx.models, "map": tensor_map.name, "unused_donor_tensors": unused}
+    return Artifact(meta=meta, figures={"merged_params": merged, "kept_params": kept}, model_dir=model_dir)
 
 
-def _check_compatible(names: list[str], readers: list[CheckpointReader]) -> None:
-    base_names = set(readers[0].names())
-    for name, reader in zip(names[1:], readers[1:]):
-        other = set(reader.names())
-        if other != base_names:
-            missing = sorted(base_names ^ other)[0]
-            raise ModelError(f"models {names[0]!r} and {name!r} have different tensors (e.g. {missing!r})")
-        for tensor in sorted(base_names):
-            if reader.shape(tensor) != readers[0].shape(tensor):
-                raise ModelError(
-                    f"models {names[0]!r} and {name!r} differ in shape at {tensor}: "
-                    f"{readers[0].shape(tensor)} vs {reader.shape(tensor)}"
-                )
+def map_option(ctx) -> TensorMap:
+    """The step's ``map`` option resolved (relative files against the recipe's directory)."""
+    spec = getattr(ctx.options, "map", None)
+    base_dir = getattr(getattr(getattr(ctx, "run", None), "recipe", None), "base_dir", None)
+    return load_map(spec, base_dir)
 
 
 def _per_model(value: float | list[float], count: int, where: str, key: str) -> list[float]:
@@ -127,5 +155,95 @@ class TaskArithmetic:
         return artifact
 
 
+class TiesOptions(StreamOptions):
+    density: float = Field(0.2, gt=0, le=1, description="share of each task vector's entries kept (largest |entries|)")
+    scale: float = Field(1.0, description="lambda applied to the merged task vector")
+
+
+class DareOptions(StreamOptions):
+    density: float = Field(0.5, gt=0, le=1, description="share of each task vector's entries kept (at random)")
+    scale: float = Field(1.0, description="lambda applied to the merged task vector")
+    sign_election: bool = Field(False, description="TIES sign election + disjoint mean of the dropped vectors (DARE-TIES)")
+
+
+def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """``tau`` with all but its ``ceil(density * n)`` largest-magnitude entries set to 0."""
+    n = tau.numel()
+    keep = max(1, math.ceil(density * n))
+    if keep >= n:
+        return tau.clone()
+    magnitude = tau.abs().flatten()
+    threshold = torch.kthvalue(magnitude, n - keep + 1).values
+    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+
+
+def elect_and_mean(taus: list[torch.Tensor]) -> torch.Tensor:
+    """TIES: gamma = sign(sum tau_i); mean of the entries that are non-zero and agree with gamma."""
+    stacked = torch.stack(taus)
+    gamma = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == gamma) & (stacked != 0)
+    total = (stacked * agree).sum(0)
+    count = agree.sum(0)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+def ties_combine(tensors: list[torch.Tensor], density: float, scale: float) -> torch.Tensor:
+    base = tensors[0]
+    taus = [trim(t - base, density) for t in tensors[1:]]
+    return base + scale * elect_and_mean(taus)
+
+
+def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Keep each entry with probability ``density`` and rescale the kept ones by 1/density."""
+    if density >= 1:
+        return tau.clone()
+    keep = torch.rand(tau.shape, generator=generator) < density
+    return torch.where(keep, tau / density, torch.zeros_like(tau))
+
+
+def dare_generator(seed: int, name: str, donor_index: int) -> torch.Generator:
+    """A generator that depends only on (seed, tensor name, donor), not on the tensor order."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + donor_index) % 2**63)
+
+
+def dare_combine(name: str, tensors: list[torch.Tensor], opts: DareOptions, seed: int) -> torch.Tensor:
+    base = tensors[0]
+    taus = [dare_drop(t - base, opts.density, dare_generator(seed, name, i)) for i, t in enumerate(tensors[1:])]
+    merged = elect_and_mean(taus) if opts.sign_election else torch.stack(taus).sum(0)
+    return base + opts.scale * merged
+
+
+class Ties:
+    """TIES merging: trim task vectors, elect a sign per entry, disjoint mean."""
+
+    @hookimpl
+    def option_schema(self, stage: str):
+        return TiesOptions if stage == "fuse" else None
+
+    @hookimpl
+    def fuse(self, ctx) -> Artifact:
+        opts = ctx.options
+        artifact = stream_merge(ctx, lambda tensors: ties_combine(tensors, opts.density, opts.scale), opts.max_shard_mb)
+        artifact.meta.update(density=opts.density, scale=opts.scale)
+        return artifact
+
+
+class Dare:
+    """DARE merging: random drop and rescale of task vectors, then add (or TIES-merge) them."""
+
+    @hookimpl
+    def option_schema(self, stage: str):
+        return DareOptions if stage == "fuse" else None
+
+    @hookimpl
+    def fuse(self, ctx) -> Artifact:
+        opts, seed = ctx.options, ctx.seed
+        artifact = stream_merge_named(ctx, lambda name, tensors: dare_combine(name, tensors, opts, seed), opts.max_shard_mb)
+        artifact.meta.update(density=opts.density, scale=opts.scale, sign_election=opts.sign_election)
+        return artifact
+
+
 linear = Linear()
 task_arithmetic = TaskArithmetic()
+ties = Ties()
+dare = Dare()
