@@ -32,7 +32,6 @@ class CheckpointReader:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self._file_of = _tensor_files(self.directory)
-        self._handles: dict[str, object] = {}
 
     def names(self) -> list[str]:
         return list(self._file_of)
@@ -41,15 +40,13 @@ class CheckpointReader:
         file = self._file_of.get(name)
         if file is None:
             raise ModelError(f"{self.directory}: no tensor named {name!r}")
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.directory / file), framework="pt")
-        return self._handles[file].get_tensor(name)
+        # a handle per read: closing it unmaps the file, so resident memory stays one tensor deep
+        with safe_open(str(self.directory / file), framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def shape(self, name: str) -> list[int]:
-        file = self._file_of[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.directory / file), framework="pt")
-        return list(self._handles[file].get_slice(name).get_shape())
+        with safe_open(str(self.directory / self._file_of[name]), framework="pt") as handle:
+            return list(handle.get_slice(name).get_shape())
 
 
 def _tensor_files(directory: Path) -> dict[str, str]:

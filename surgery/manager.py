@@ -141,6 +141,9 @@ def _import_plugin(ref: str, base_dir: Path | None) -> ModuleType:
         if not path.is_file():
             raise PluginError(f"plugin file not found: {ref}")
         module_name = f"surgery_local_plugin_{path.stem}"
+        loaded = sys.modules.get(module_name)
+        if loaded is not None and Path(loaded.__file__).resolve() == path.resolve():
+            return loaded
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module

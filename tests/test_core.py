@@ -230,4 +230,4 @@ def test_mismatched_models_are_refused(tmp_path, tiny_checkpoints, surgery_cli):
     recipe = write_recipe(tmp_path, a, wide)
     result = surgery_cli("run", recipe)
     assert result.exit_code == 2
-    assert "differ in shape" in result.err and "Traceback" not in result.err
+    assert "[32, 96]" in result.err and "Traceback" not in result.err
