@@ -8,7 +8,8 @@ is declared as :class:`surgery.adapters.ParamSlice` ``(tensor name, axis, offset
 transposed, fused gate+up weights hold two blocks), which is all these helpers need to know.
 
 Matching is a linear assignment (``scipy.optimize.linear_sum_assignment``) on a similarity matrix,
-used for single neurons (sketch correlations) and for ensembles (mean member similarity).
+used for single neurons (e.g. ``surgery.capture.sketch_correlation`` of two models' activation
+sketches) and for ensembles (mean member similarity).
 """
 from __future__ import annotations
 
@@ -33,13 +34,6 @@ def match(similarity_ab: torch.Tensor) -> torch.Tensor:
     perm = torch.empty(similarity_ab.shape[0], dtype=torch.long)
     perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
     return perm
-
-
-def correlation(sketch_a_nk: torch.Tensor, sketch_b_mk: torch.Tensor) -> torch.Tensor:
-    """Cosine of every pair of (already centred) sketch rows: [n, m]; zero rows give 0."""
-    a = torch.nn.functional.normalize(sketch_a_nk.double(), dim=1)
-    b = torch.nn.functional.normalize(sketch_b_mk.double(), dim=1)
-    return (a @ b.T).float()
 
 
 def ensemble_similarity(similarity_ab: torch.Tensor, labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:

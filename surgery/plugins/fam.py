@@ -1,0 +1,350 @@
+"""FAM: neuron importance (FAI), neuron ensembles and importance-weighted fusion (DESIGN §2.1, seeds 000/001).
+
+Stages, for MLP neurons i of every layer (a_i = channel i of the down projection's input, d_i its
+write direction, x / y the MLP's input / output, w_t the token weights of the recipe's ``weight``
+step, plain mean by default, TLINP with ``- weight: {plugin: tlinp}``):
+
+- ``capture``  streamed over the probe set with :mod:`surgery.capture` (memory independent of the
+  number of tokens): weighted sums of a_i, |a_i|, a_i^2, x, y, s_i = <y, d_i/|d_i|>, s_i^2, a_i s_i,
+  the diagonal Fisher sum of w_t (dL/da_i)^2 (a backward pass of the ``objective``, causal-LM by
+  default, L = sum over rows of the row-mean NLL) and a random-projection sketch of a_i over the
+  probe tokens. The artifact keeps the raw sums (``"<model>/<layer>/<key>"``), so captures over
+  probe shards merge by adding them.
+- ``score``    ``FAI_i = |A_i| * MI_i / (Hess_i + eps)`` with |A_i| = weighted mean |a_i|,
+  ``MI_i = -0.5 log(1 - rho_i^2)`` the Gaussian MI of a_i and s_i (rho clipped to 1 - 1e-6) and
+  Hess_i the weighted mean of (dL/da_i)^2.
+- ``cluster``  k groups per layer: spherical k-means (k-means++ start, seeded by the recipe seed
+  and the layer) on the unit-normalised centred sketches, i.e. on activation correlations.
+- ``fuse``     per base neuron i and each donor m with its aligned neuron pi_m(i) (``align`` step,
+  identity without one): ``W*_i = sum_m s_m W_m,pi_m(i) / sum_m s_m`` (s = FAI; base included) on
+  the gate/up rows and down columns; every other tensor is ``(1 - blend) W_base + blend mean(W_donors)``
+  with ``blend`` per tensor class, or kept from the base (``keep: [norms, ...]``). Heterogeneous
+  pairs pair tensors through ``map:`` (:mod:`surgery.hetero`).
+
+Deviations from the seeds are in docs/methods/fam.md.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from surgery import hookimpl
+from surgery.adapters import ModelView, neuron_slices
+from surgery.artifacts import Artifact
+from surgery.capture import Capture, Stats, Stream, mlp_activations, mlp_inputs, mlp_outputs, mlp_write_projection
+from surgery.errors import RecipeError, SurgeryError
+from surgery.options import Options
+from surgery.plugins.merge_baselines import MAP_HELP, map_option, stream_merge_named
+
+TensorClass = Literal["mlp", "attention", "norms", "embeddings", "lm_head", "other"]
+RHO_MAX = 1 - 1e-6
+
+
+# --- options -----------------------------------------------------------------------------------
+
+class CaptureOptions(Options):
+    sketch_dim: int = Field(128, ge=2, description="random-projection sketch size per neuron (clustering, alignment)")
+    fisher: bool = Field(True, description="capture the diagonal Fisher term (needs a backward pass)")
+    objective: str = Field("causal-lm", description="objective whose gradient gives the Fisher term")
+    batch_size: int | None = Field(None, ge=1, description="probe batch size (default: the data entry's)")
+
+
+class ScoreOptions(Options):
+    eps: float = Field(1e-8, gt=0, description="added to the Fisher term in FAI's denominator")
+
+
+class ClusterOptions(Options):
+    k: int = Field(8, ge=1, description="ensembles per layer (at most the number of neurons)")
+    iterations: int = Field(50, ge=1, description="k-means iterations")
+
+
+class FuseOptions(Options):
+    blend: float = Field(0.5, ge=0, le=1, description="donor share of tensors that are not MLP neurons")
+    blend_by_class: dict[TensorClass, float] = Field(default_factory=dict, description="blend per tensor class (overrides blend)")
+    keep: list[TensorClass] = Field(default_factory=list, description="tensor classes kept from the base model")
+    map: str | dict | None = Field(None, description=MAP_HELP)
+    max_shard_mb: float | None = Field(256.0, gt=0, description="cap on each output safetensors shard (MiB)")
+
+
+# --- capture -----------------------------------------------------------------------------------
+
+def fam_streams(model: torch.nn.Module, layer, fisher: bool = True) -> list[Stream]:
+    """The streams FAM folds for one layer (see the module docstring)."""
+    return [
+        mlp_activations(layer, absolute=True, sketch=True, fisher=fisher, cross=("write",)),
+        mlp_inputs(layer),
+        mlp_outputs(layer),
+        mlp_write_projection(model, layer),
+    ]
+
+
+def capture_model(module: torch.nn.Module, view: ModelView, batches, *, weighter=None, objective=None,
+                  fisher: bool = True, sketch_dim: int = 128, seed: int = 0) -> dict[str, Stats]:
+    """FAM statistics of every layer of ``module`` over ``batches``, keyed by layer index."""
+    plan = {str(layer.index): fam_streams(module, layer, fisher) for layer in view.layers}
+    engine = Capture(module, plan, weighter=weighter, objective=objective if fisher else None,
+                     sketch_dim=sketch_dim, seed=seed)
+    for batch in batches:
+        engine.add(batch)
+    return engine.result()
+
+
+def layer_stats(artifact: Artifact, model: str, layer: str) -> Stats:
+    return Stats.from_tensors(artifact.tensors, prefix=f"{model}/{layer}/")
+
+
+def layers_of(artifact: Artifact, model: str, where: str) -> list[str]:
+    layers = artifact.meta.get("layers", {}).get(model)
+    if layers is None:
+        raise SurgeryError(f"{where}: the upstream capture has no model {model!r} (it has {sorted(artifact.meta.get('layers', {}))})")
+    return [str(layer) for layer in layers]
+
+
+# --- score -------------------------------------------------------------------------------------
+
+def gaussian_mi(rho: torch.Tensor) -> torch.Tensor:
+    """MI of two jointly Gaussian variables with correlation rho: -0.5 log(1 - rho^2)."""
+    rho = rho.clamp(-RHO_MAX, RHO_MAX)
+    return -0.5 * torch.log1p(-rho.square())
+
+
+def fai(stats: Stats, eps: float = 1e-8) -> dict[str, torch.Tensor]:
+    """FAI_i = |A_i| * MI_i / (Hess_i + eps) and its three terms, each [intermediate]."""
+    mean_abs = stats.mean_abs("act")
+    mi = gaussian_mi(stats.correlation("act", "write"))
+    hess = stats.fisher("act") if "act/fisher" in stats.sums else torch.ones_like(mean_abs)
+    return {"score": mean_abs * mi / (hess + eps), "abs": mean_abs, "mi": mi, "fisher": hess}
+
+
+# --- cluster -----------------------------------------------------------------------------------
+
+def neuron_features(stats: Stats) -> torch.Tensor:
+    """Unit-normalised centred sketches, one row per neuron: [intermediate, k]."""
+    sketch_ki = stats.sketch("act")
+    return torch.nn.functional.normalize(sketch_ki.t().double(), dim=1)
+
+
+def kmeans(features_nf: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 50) -> torch.Tensor:
+    """Spherical k-means (cosine), k-means++ start; int64 labels [n] using every id 0..k-1."""
+    n = features_nf.shape[0]
+    k = min(k, n)
+    centres = _kmeans_pp(features_nf, k, generator)
+    labels = torch.full((n,), -1, dtype=torch.long)
+    for _ in range(iterations):
+        new = (features_nf @ centres.T).argmax(dim=1)
+        new = _fill_empty(features_nf, centres, new, k)
+        if torch.equal(new, labels):
+            break
+        labels = new
+        for c in range(k):
+            centres[c] = torch.nn.functional.normalize(features_nf[labels == c].sum(0), dim=0)
+    return labels
+
+
+def _kmeans_pp(features_nf: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    n = features_nf.shape[0]
+    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    distance_n = 1 - features_nf @ features_nf[chosen[0]]
+    for _ in range(1, k):
+        p = distance_n.clamp_min(0)
+        p = p / p.sum() if p.sum() > 0 else torch.full_like(p, 1 / n)
+        chosen.append(int(torch.multinomial(p.float(), 1, generator=generator)))
+        distance_n = torch.minimum(distance_n, 1 - features_nf @ features_nf[chosen[-1]])
+    return features_nf[chosen].clone()
+
+
+def _fill_empty(features_nf: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Give every empty cluster the point farthest from its own centre (deterministic)."""
+    labels = labels.clone()
+    for c in range(k):
+        if (labels == c).any():
+            continue
+        fit_n = (features_nf * centres[labels]).sum(1)
+        sizes = torch.bincount(labels, minlength=k)
+        fit_n[sizes[labels] <= 1] = float("inf")  # never empty another cluster
+        labels[int(fit_n.argmin())] = c
+    return labels
+
+
+def layer_seed(seed: int, model_index: int, layer: str) -> int:
+    return (seed * 1_000_003 + model_index * 10_007 + int(layer)) % 2**63
+
+
+# --- fuse --------------------------------------------------------------------------------------
+
+def tensor_classes(module: torch.nn.Module, view: ModelView) -> tuple[dict[str, TensorClass], dict[str, list]]:
+    """(class per parameter-name prefix, neuron slices per tensor name with their layer index)."""
+    prefixes: dict[str, TensorClass] = {view.embed: "embeddings"}
+    if view.lm_head:
+        prefixes[view.lm_head] = "lm_head"
+    if view.final_norm:
+        prefixes[view.final_norm] = "norms"
+    slices: dict[str, list] = {}
+    for layer in view.layers:
+        for path in (layer.attn.out_proj, layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj, layer.attn.qkv_proj):
+            if path:
+                prefixes[path] = "attention"
+        for path in layer.norms:
+            prefixes[path] = "norms"
+        for path in (layer.mlp.down, layer.mlp.up, layer.mlp.gate):
+            if path:
+                prefixes[path] = "mlp"
+        for item in neuron_slices(module, layer.mlp):
+            slices.setdefault(item.name, []).append((str(layer.index), item.axis, item.offset))
+    return prefixes, slices
+
+
+def class_of(name: str, prefixes: dict[str, TensorClass]) -> TensorClass:
+    module = name.rpartition(".")[0]
+    while module:
+        if module in prefixes:
+            return prefixes[module]
+        module = module.rpartition(".")[0]
+    return "other"
+
+
+def fuse_neurons(tensors: list[torch.Tensor], scores: list[torch.Tensor], axis: int, offset: int) -> torch.Tensor:
+    """Importance-weighted mean of already aligned tensors over the neuron block at ``offset`` along
+    ``axis``: slice i = sum_m s_m[i] W_m[i] / sum_m s_m[i] (equal weights where all s_m[i] are 0)."""
+    s_mi = torch.stack([s.double() for s in scores]).clamp_min(0)
+    total_i = s_mi.sum(0)
+    coef_mi = torch.where(total_i > 0, s_mi / total_i.clamp_min(1e-300), torch.full_like(s_mi, 1 / len(scores)))
+    out = tensors[0].clone()
+    n = coef_mi.shape[1]
+    block = [t.narrow(axis, offset, n).double() for t in tensors]
+    shape = [1] * out.dim()
+    shape[axis] = n
+    mixed = sum(c.view(shape) * b for c, b in zip(coef_mi, block))
+    out.narrow(axis, offset, n).copy_(mixed.to(out.dtype))
+    return out
+
+
+class FamFuser:
+    """``combine(name, tensors)`` for :func:`stream_merge_named`: FAM on neuron slices, blend elsewhere."""
+
+    def __init__(self, prefixes: dict, slices: dict, scores: list[dict[str, torch.Tensor]],
+                 perms: list[dict[str, torch.Tensor]], opts: FuseOptions) -> None:
+        self.prefixes, self.slices, self.scores, self.perms, self.opts = prefixes, slices, scores, perms, opts
+
+    def __call__(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        klass = class_of(name, self.prefixes)
+        if klass in self.opts.keep:
+            return tensors[0]
+        if name in self.slices:
+            return self._neurons(name, tensors)
+        blend = self.opts.blend_by_class.get(klass, self.opts.blend)
+        donors = torch.stack(tensors[1:]).mean(0)
+        return (1 - blend) * tensors[0] + blend * donors
+
+    def _neurons(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        out = tensors
+        for layer, axis, offset in self.slices[name]:
+            aligned = [out[0]]
+            scores = [self.scores[0][layer]]
+            for donor, tensor in enumerate(out[1:], start=1):
+                perm = self.perms[donor - 1].get(layer)
+                if perm is None:
+                    aligned.append(tensor)
+                    scores.append(self.scores[donor][layer])
+                    continue
+                index = torch.arange(tensor.shape[axis])
+                index[offset:offset + perm.numel()] = perm + offset
+                aligned.append(tensor.index_select(axis, index))
+                scores.append(self.scores[donor][layer][perm])
+            fused = fuse_neurons(aligned, scores, axis, offset)
+            out = [fused] + aligned[1:]
+        return out[0]
+
+
+# --- the plugin --------------------------------------------------------------------------------
+
+class Fam:
+    """FAM: FAI neuron importance, sketch ensembles and importance-weighted neuron fusion."""
+
+    @hookimpl
+    def option_schema(self, stage: str):
+        return {"capture": CaptureOptions, "score": ScoreOptions, "cluster": ClusterOptions, "fuse": FuseOptions}.get(stage)
+
+    @hookimpl
+    def capture(self, ctx) -> Artifact:
+        opts = ctx.options
+        weighter = ctx.weighter()
+        objective = ctx.objective(opts.objective) if opts.fisher else None
+        tensors, layers, figures = {}, {}, {}
+        for name in ctx.models:
+            loaded = ctx.model(name)
+            view = loaded.view
+            batches = ctx.progress(ctx.batches(loaded.tokenizer, batch_size=opts.batch_size), desc=f"fam capture {name}")
+            stats = capture_model(loaded.module, view, batches, weighter=weighter, objective=objective,
+                                  fisher=opts.fisher, sketch_dim=opts.sketch_dim, seed=ctx.seed)
+            for layer, layer_stats_ in stats.items():
+                tensors.update(layer_stats_.tensors(prefix=f"{name}/{layer}/"))
+            layers[name] = [layer.index for layer in view.layers]
+            first = next(iter(stats.values()))
+            figures[f"{name}/tokens"], figures[f"{name}/weight"] = first.count, first.weight
+        meta = {"models": list(ctx.models), "layers": layers, "sketch_dim": opts.sketch_dim, "fisher": opts.fisher,
+                "weighting": getattr(weighter, "meta", {}).get("weighting", "uniform")}
+        return Artifact(tensors=tensors, meta=meta, figures=figures)
+
+    @hookimpl
+    def score(self, ctx) -> Artifact:
+        captured = ctx.upstream("capture")
+        tensors, figures = {}, {}
+        for name in ctx.models:
+            for layer in layers_of(captured, name, ctx.where):
+                terms = fai(layer_stats(captured, name, layer), ctx.options.eps)
+                tensors.update({f"{name}/{layer}/{key}": value.float() for key, value in terms.items()})
+            scores = torch.cat([tensors[f"{name}/{l}/score"] for l in layers_of(captured, name, ctx.where)])
+            figures[f"{name}/score_mean"] = float(scores.mean())
+        return Artifact(tensors=tensors, meta={"models": ctx.models, "layers": captured.meta["layers"],
+                                               "convention": "higher = more important"}, figures=figures)
+
+    @hookimpl
+    def cluster(self, ctx) -> Artifact:
+        captured = ctx.upstream("capture")
+        tensors = {}
+        for model_index, name in enumerate(ctx.models):
+            for layer in layers_of(captured, name, ctx.where):
+                features = neuron_features(layer_stats(captured, name, layer))
+                generator = torch.Generator().manual_seed(layer_seed(ctx.seed, model_index, layer))
+                tensors[f"{name}/{layer}/labels"] = kmeans(features, ctx.options.k, generator, ctx.options.iterations)
+        return Artifact(tensors=tensors, meta={"models": ctx.models, "layers": captured.meta["layers"], "k": ctx.options.k})
+
+    @hookimpl
+    def fuse(self, ctx) -> Artifact:
+        opts = ctx.options
+        if len(ctx.models) < 2:
+            raise RecipeError(f"{ctx.where}.models: a merge needs at least two models, got {ctx.models}")
+        base = ctx.model(ctx.models[0])
+        prefixes, slices = tensor_classes(base.module, base.view)
+        scored = ctx.upstream("score")
+        scores = [_scores_of(scored, name, ctx.where) for name in ctx.models]
+        perms = _perms(ctx, ctx.models[1:])
+        fuser = FamFuser(prefixes, slices, scores, perms, opts)
+        artifact = stream_merge_named(ctx, fuser, opts.max_shard_mb, map_option(ctx))
+        artifact.meta.update(blend=opts.blend, keep=opts.keep, aligned=any(perms))
+        return artifact
+
+
+def _scores_of(scored: Artifact, name: str, where: str) -> dict[str, torch.Tensor]:
+    suffix = "/score"
+    found = {key[len(name) + 1:-len(suffix)]: value for key, value in scored.tensors.items()
+             if key.startswith(f"{name}/") and key.endswith(suffix)}
+    if not found:
+        raise SurgeryError(f"{where}: the upstream score step has no scores for model {name!r}")
+    return found
+
+
+def _perms(ctx, donors: list[str]) -> list[dict[str, torch.Tensor]]:
+    """Per donor, the align step's permutation per layer (empty without an align step)."""
+    try:
+        aligned = ctx.upstream("align")
+    except SurgeryError:
+        return [{} for _ in donors]
+    return [{key[len(d) + 1:-len("/perm")]: value for key, value in aligned.tensors.items()
+             if key.startswith(f"{d}/") and key.endswith("/perm")} for d in donors]
+
+
+fam = Fam()
