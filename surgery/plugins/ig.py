@@ -1,0 +1,326 @@
+"""Integrated gradients over head (or neuron) gates: the ``ig`` attribute plugin (DESIGN §2.4).
+
+Gates ``alpha_{l,h}`` scale each head's slice of the attention output projection's input
+(:mod:`surgery.gates`). With a baseline ``b`` (0 = head off, a scalar, or a random value per head)
+and quadrature nodes/weights ``(t_k, w_k)`` on [0, 1]:
+
+- per-layer: for each layer l, ``alpha_l(t) = b + t (1 - b)`` with every other layer at 1;
+  ``IG_{l,h} = (1 - b) sum_k w_k dL/dalpha_{l,h}(t_k)``.
+  Completeness per layer: ``sum_h IG_{l,h} = L(alpha = 1) - L(alpha_l = b)``.
+- joint: every gate moves together, ``alpha_l(t) = b + s_l(t) (1 - b)`` with ``s_l(t) = t``, or with
+  the per-layer schedule ``s_l(t) = t^(1 + l/L)`` (seed 004's fix);
+  ``IG_{l,h} = (1 - b) sum_k w_k s_l'(t_k) dL/dalpha_{l,h}(t_k)`` (chain rule).
+  Completeness: ``sum_{l,h} IG_{l,h} = L(1) - L(b)``.
+
+``L`` is the objective's per-sample loss; the scores are the mean over samples of per-sample IG.
+Sign convention: IG < 0 means the head lowers the loss (it is useful). The integration points of
+one batch run along the batch dimension, as many per trace as the memory budget allows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from surgery import hookimpl
+from surgery.artifacts import Artifact
+from surgery.diagnostics import save_heatmap, sign_stats
+from surgery.errors import DataError, SurgeryError
+from surgery.gates import GateSite, LossFn, evaluate_points, head_sites, neuron_sites, rows_per_chunk
+from surgery.options import Options
+
+QUADRATURES = ("riemann-left", "riemann-right", "riemann-middle", "trapezoid", "gauss-legendre")
+Quadrature = Literal["riemann-left", "riemann-right", "riemann-middle", "trapezoid", "gauss-legendre"]
+
+
+# --- quadrature and baselines -------------------------------------------------------------------
+
+def quadrature(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes ``t_k`` and weights ``w_k`` (float64, ``[steps]``) integrating over [0, 1]."""
+    if steps < 1 or (rule == "trapezoid" and steps < 2):
+        raise ValueError(f"{rule} needs more steps than {steps}")
+    k = torch.arange(steps, dtype=torch.float64)
+    if rule == "riemann-left":
+        return k / steps, torch.full((steps,), 1.0 / steps, dtype=torch.float64)
+    if rule == "riemann-right":
+        return (k + 1) / steps, torch.full((steps,), 1.0 / steps, dtype=torch.float64)
+    if rule == "riemann-middle":
+        return (k + 0.5) / steps, torch.full((steps,), 1.0 / steps, dtype=torch.float64)
+    if rule == "trapezoid":
+        w = torch.full((steps,), 1.0 / (steps - 1), dtype=torch.float64)
+        w[0] = w[-1] = 0.5 / (steps - 1)
+        return k / (steps - 1), w
+    if rule == "gauss-legendre":
+        x, w = np.polynomial.legendre.leggauss(steps)
+        return torch.from_numpy((x + 1) / 2), torch.from_numpy(w / 2)
+    raise ValueError(f"unknown quadrature {rule!r}; choose from {', '.join(QUADRATURES)}")
+
+
+def baseline_values(kind: str, sites: Sequence[GateSite], value: float = 0.0, seed: int = 0) -> list[torch.Tensor]:
+    """The baseline gate of every unit of every site: 0, ``value``, or U(0, 1) drawn with ``seed``."""
+    if kind == "zero":
+        return [torch.zeros(s.units, dtype=torch.float64) for s in sites]
+    if kind == "scalar":
+        return [torch.full((s.units,), float(value), dtype=torch.float64) for s in sites]
+    if kind == "random":
+        generator = torch.Generator().manual_seed(seed)
+        return [torch.rand(s.units, generator=generator, dtype=torch.float64) for s in sites]
+    raise ValueError(f"unknown baseline {kind!r}")
+
+
+def schedule_exponents(schedule: str, layers: int) -> torch.Tensor:
+    """``lambda_l`` of ``s_l(t) = t^(1 + lambda_l)``: 0 everywhere (linear) or ``l / L`` (per-layer)."""
+    if schedule == "linear":
+        return torch.zeros(layers, dtype=torch.float64)
+    if schedule == "per-layer":
+        return torch.arange(layers, dtype=torch.float64) / layers
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+# --- integrated gradients on one batch --------------------------------------------------------
+
+@dataclass
+class Attribution:
+    """Per-sample attributions of one or more batches.
+
+    ``per_sample`` ``[B, sites, units]`` (units padded with 0 where sites differ in size),
+    ``loss_full`` ``[B]`` = L(all gates 1), ``loss_base`` ``[B, sites]`` (per-layer: L with layer l at
+    its baseline) or ``[B, 1]`` (joint: L with every gate at its baseline).
+    """
+
+    per_sample: torch.Tensor
+    loss_full: torch.Tensor
+    loss_base: torch.Tensor
+
+    @staticmethod
+    def concat(parts: list["Attribution"]) -> "Attribution":
+        return Attribution(*(torch.cat([getattr(p, f) for p in parts]) for f in ("per_sample", "loss_full", "loss_base")))
+
+
+def ig_per_layer(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict, loss_fn: LossFn,
+                 base: Sequence[torch.Tensor], t_k: torch.Tensor, w_k: torch.Tensor,
+                 points_per_chunk: int) -> Attribution:
+    """Per-layer IG of one batch; points are (layer, node) pairs, layer-major, batched in chunks."""
+    n_sites, steps = len(sites), len(t_k)
+    points = n_sites * steps
+    gates_p = [torch.ones(points, s.units, dtype=torch.float64) for s in sites]
+    grad_sites = torch.zeros(points, n_sites, dtype=torch.bool)
+    for l in range(n_sites):
+        rows = slice(l * steps, (l + 1) * steps)
+        gates_p[l][rows] = base[l] + t_k[:, None] * (1 - base[l])
+        grad_sites[rows, l] = True
+    acc = _zeros(sites, batch)
+    for chunk in evaluate_points(model, sites, batch, _cast(gates_p), loss_fn, points_per_chunk, grad_sites):
+        for p in range(chunk.start, chunk.stop):
+            l, k = divmod(p, steps)
+            grad_bu = chunk.grads_nbu[l][p - chunk.start].double()
+            acc[:, l, : sites[l].units] += w_k[k] * (1 - base[l]) * grad_bu
+    loss_full, loss_base = _endpoint_losses(model, sites, batch, loss_fn, base, points_per_chunk, per_layer=True)
+    return Attribution(acc, loss_full, loss_base)
+
+
+def ig_joint(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict, loss_fn: LossFn,
+             base: Sequence[torch.Tensor], t_k: torch.Tensor, w_k: torch.Tensor,
+             points_per_chunk: int, schedule: str = "linear") -> Attribution:
+    """Joint IG of one batch: all gates move together along ``s_l(t)``; one point per node."""
+    lam = schedule_exponents(schedule, len(sites))
+    s_kl = t_k[:, None] ** (1 + lam[None, :])
+    ds_kl = (1 + lam[None, :]) * t_k[:, None] ** lam[None, :]
+    gates_p = [base[l] + s_kl[:, l, None] * (1 - base[l]) for l in range(len(sites))]
+    grad_sites = torch.ones(len(t_k), len(sites), dtype=torch.bool)
+    acc = _zeros(sites, batch)
+    for chunk in evaluate_points(model, sites, batch, _cast(gates_p), loss_fn, points_per_chunk, grad_sites):
+        for k in range(chunk.start, chunk.stop):
+            for l, site in enumerate(sites):
+                grad_bu = chunk.grads_nbu[l][k - chunk.start].double()
+                acc[:, l, : site.units] += w_k[k] * ds_kl[k, l] * (1 - base[l]) * grad_bu
+    loss_full, loss_base = _endpoint_losses(model, sites, batch, loss_fn, base, points_per_chunk, per_layer=False)
+    return Attribution(acc, loss_full, loss_base)
+
+
+def _endpoint_losses(model, sites, batch, loss_fn, base, points_per_chunk, per_layer: bool):
+    """L(1) ``[B]`` and L(b) ``[B, sites]`` (per-layer) or ``[B, 1]`` (joint), batched, no grad."""
+    n_sites = len(sites)
+    extra = n_sites if per_layer else 1
+    gates_p = [torch.ones(1 + extra, s.units, dtype=torch.float64) for s in sites]
+    for l in range(n_sites):
+        gates_p[l][1 + l if per_layer else 1] = base[l]
+    losses = [c.loss_nb for c in evaluate_points(model, sites, batch, _cast(gates_p), loss_fn, points_per_chunk)]
+    loss_pb = torch.cat(losses).double()
+    return loss_pb[0], loss_pb[1:].T.contiguous()
+
+
+def _zeros(sites: Sequence[GateSite], batch: dict) -> torch.Tensor:
+    rows = batch["input_ids"].shape[0]
+    return torch.zeros(rows, len(sites), max(s.units for s in sites), dtype=torch.float64)
+
+
+def _cast(gates_p: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [g.float() for g in gates_p]
+
+
+def completeness(attribution: Attribution, per_layer: bool) -> dict:
+    """Sum of mean attributions vs the mean objective difference, per layer or in total."""
+    ig_l = attribution.per_sample.mean(0).sum(-1)  # [sites]
+    diff = (attribution.loss_full[:, None] - attribution.loss_base).mean(0)  # [sites] or [1]
+    if per_layer:
+        sums, diffs = ig_l, diff
+    else:
+        sums, diffs = ig_l.sum()[None], diff
+    rel = (sums - diffs).abs() / diffs.abs().clamp_min(1e-12)
+    return {
+        "mode": "per-layer" if per_layer else "joint",
+        "sum_ig": sums.tolist(), "objective_diff": diffs.tolist(), "relative_error": rel.tolist(),
+        "max_relative_error": float(rel.max()), "max_abs_error": float((sums - diffs).abs().max()),
+    }
+
+
+# --- shared by the attribute plugins ------------------------------------------------------------
+
+class AttributeOptions(Options):
+    """Options every attribute plugin of this family takes."""
+
+    objective: str = Field("causal-lm", description="registered objective: causal-lm, masked-lm, masked-diffusion, ...")
+    target: Literal["heads", "neurons"] = Field("heads", description="attention heads (output-projection input) or MLP neurons")
+    keep_per_sample: bool = Field(False, description="also save per-sample attributions [samples, layers, units]")
+    memory_mb: float = Field(1024.0, gt=0, description="memory budget of one batched forward/backward (sets points per trace)")
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, name: str) -> str:
+        from surgery.objectives import get_objective
+
+        try:
+            get_objective(name)
+        except SurgeryError as exc:
+            raise ValueError(str(exc)) from None
+        return name
+
+
+class IGOptions(AttributeOptions):
+    mode: Literal["per-layer", "joint"] = Field("per-layer", description="integrate one layer at a time, or all gates together")
+    baseline: Literal["zero", "scalar", "random"] = Field("zero", description="gate value at t=0: 0, `value`, or U(0,1) per unit")
+    value: float = Field(0.3, ge=0, lt=1, description="the scalar baseline")
+    baseline_seed: int | None = Field(None, description="seed of the random baseline (default: the recipe seed)")
+    quadrature: Quadrature = Field("gauss-legendre", description="integration rule on [0, 1]")
+    steps: int = Field(16, ge=1, le=4096, description="number of integration points")
+    schedule: Literal["linear", "per-layer"] = Field("linear", description="joint mode: s_l(t) = t, or t^(1 + l/L)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "IGOptions":
+        if self.quadrature == "trapezoid" and self.steps < 2:
+            raise ValueError("trapezoid needs steps >= 2")
+        if self.schedule == "per-layer" and self.mode != "joint":
+            raise ValueError("schedule: per-layer applies to mode: joint only")
+        return self
+
+
+def sites_for(loaded, target: str) -> list[GateSite]:
+    """Gate sites of a loaded model: heads or neurons, one site per layer."""
+    return head_sites(loaded.view) if target == "heads" else neuron_sites(loaded.view)
+
+
+def prepared_batches(ctx, loaded, objective) -> Iterator[dict]:
+    """The step's data as objective-prepared batches on the model's device (random masks seeded)."""
+    generator = torch.Generator().manual_seed(ctx.seed)
+    tokenizer = loaded.tokenizer
+    device = input_device(loaded.module)
+    for batch in ctx.batches(tokenizer):
+        if tokenizer is not None and getattr(tokenizer, "mask_token_id", None) is not None:
+            batch.setdefault("mask_token_id", tokenizer.mask_token_id)
+        batch = objective.prepare(batch, generator)
+        yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return embeddings.weight.device if embeddings is not None else next(model.parameters()).device
+
+
+def points_per_chunk(memory_mb: float, model: torch.nn.Module, batch: dict) -> int:
+    """Integration points per trace for this batch under the memory budget (at least 1)."""
+    config = model.config.get_text_config()
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    ffn = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    rows, tokens = batch["input_ids"].shape
+    dtype_bytes = next(model.parameters()).element_size()
+    fit = rows_per_chunk(memory_mb, tokens, config.num_hidden_layers, hidden, ffn,
+                         config.num_attention_heads, config.vocab_size, max(4, dtype_bytes))
+    return max(1, fit // rows)
+
+
+def attribution_artifact(ctx, attribution: Attribution, sites: Sequence[GateSite], method: str,
+                         check: dict | None = None, extra_meta: dict | None = None) -> Artifact:
+    """Scores (mean over samples), optional per-sample vectors, meta, figures and a heatmap PNG."""
+    opts = ctx.options
+    scores = attribution.per_sample.mean(0).float()
+    tensors = {"scores": scores, "loss_full": attribution.loss_full.float(), "loss_base": attribution.loss_base.float()}
+    if opts.keep_per_sample:
+        tensors["per_sample"] = attribution.per_sample.float()
+    units = [s.units for s in sites]
+    stats = sign_stats(_valid(scores, units))
+    meta = {
+        "method": method, "target": opts.target, "objective": opts.objective, "model": ctx.models[0],
+        "units_per_layer": units, "samples": int(attribution.per_sample.shape[0]),
+        "convention": "signed: negative = the unit lowers the loss (useful)",
+        "signed": True, "completeness": check, "sign_stats": stats, **(extra_meta or {}),
+    }
+    figures = {"objective": float(attribution.loss_full.mean()), "share_positive": stats["share_positive"],
+               "samples": meta["samples"]}
+    if check is not None:
+        figures["completeness_error"] = check["max_relative_error"]
+    save_heatmap(scores, ctx.out_dir / "heatmap.png", f"{method} ({opts.target}, {opts.objective})")
+    return Artifact(tensors=tensors, meta=meta, figures=figures)
+
+
+def _valid(scores_lu: torch.Tensor, units: list[int]) -> torch.Tensor:
+    """The real entries of a padded [layers, units] score matrix, flattened."""
+    return torch.cat([scores_lu[l, :u] for l, u in enumerate(units)])
+
+
+def loss_function(objective) -> LossFn:
+    return lambda logits_btv, batch: objective.loss(logits_btv, batch)
+
+
+# --- the plugin -------------------------------------------------------------------------------
+
+class IG:
+    """Integrated gradients of an objective over head (or neuron) gates, per layer or joint."""
+
+    @hookimpl
+    def option_schema(self, stage: str):
+        return IGOptions if stage == "attribute" else None
+
+    @hookimpl
+    def attribute(self, ctx) -> Artifact:
+        opts = ctx.options
+        loaded = ctx.model(ctx.models[0])
+        sites = sites_for(loaded, opts.target)
+        objective = ctx.objective(opts.objective)
+        seed = ctx.seed if opts.baseline_seed is None else opts.baseline_seed
+        base = baseline_values(opts.baseline, sites, opts.value, seed)
+        t_k, w_k = quadrature(opts.quadrature, opts.steps)
+        parts = []
+        for batch in ctx.progress(prepared_batches(ctx, loaded, objective), desc=f"ig {opts.mode}"):
+            chunk = points_per_chunk(opts.memory_mb, loaded.module, batch)
+            args = (loaded.module, sites, batch, loss_function(objective), base, t_k, w_k, chunk)
+            parts.append(ig_per_layer(*args) if opts.mode == "per-layer" else ig_joint(*args, schedule=opts.schedule))
+        if not parts:
+            raise DataError(f"{ctx.where}: the data has no examples")
+        attribution = Attribution.concat(parts)
+        check = completeness(attribution, per_layer=opts.mode == "per-layer")
+        extra = {"mode": opts.mode, "baseline": opts.baseline, "quadrature": opts.quadrature, "steps": opts.steps,
+                 "schedule": opts.schedule, "baseline_values": [b.tolist() for b in base]}
+        return attribution_artifact(ctx, attribution, sites, "ig", check, extra)
+
+    @hookimpl
+    def register_commands(self, cli) -> None:
+        from surgery.diagnostics import register_commands
+
+        register_commands(cli)
+
+
+ig = IG()
