@@ -3,15 +3,20 @@
 A merge writes the base model's tensors. A :class:`TensorMap` says, for each base tensor name,
 which donor tensor it is merged with, or that it is kept from the base untouched. It is data: a
 list of rules, each a regular expression matched against the whole base name, with either a donor
-name template (``re`` replacement syntax, ``\\1`` ...) or ``keep: true``. The first matching rule
-wins; a name no rule matches is merged with the donor tensor of the same name.
+name template (``re`` replacement syntax, ``\\1`` ...; a list of templates is tried in order) or
+``keep: true``. The first matching rule wins; a name no rule matches is merged with the donor
+tensor of the same name.
 
 ```yaml
-name: llava-from-llama          # base: a LLaVA; donor: a plain Llama fine-tune
+name: llava-from-llama          # base: a LLaVA checkpoint; donor: a plain Llama fine-tune
 rules:
-  - {base: 'model\\.(vision_tower|multi_modal_projector)\\..*', keep: true}
-  - {base: 'model\\.language_model\\.(.*)', donor: 'model.\\1'}
+  - {base: '(vision_tower|multi_modal_projector)\\..*', keep: true}
+  - {base: 'language_model\\.model\\.(.*)', donor: 'model.\\1'}
+  - {base: 'language_model\\.lm_head\\.(.*)', donor: 'lm_head.\\1'}
 ```
+
+Names are checkpoint names, which may differ from the loaded module's parameter names (transformers
+renames some layouts on load); :func:`checkpoint_names` translates module names into them.
 
 Several base tensors may map to one donor tensor: an mPLUG-Owl2-style layout, where a module has
 ``multiway.0`` (text) and ``multiway.1`` (vision) copies, merges both copies with the donor's single
@@ -34,10 +39,11 @@ from surgery.registry import did_you_mean
 
 @dataclass(frozen=True)
 class Rule:
-    """``base`` is a regular expression over base tensor names (whole-name match)."""
+    """``base`` is a regular expression over base tensor names (whole-name match); ``donor`` holds
+    one or more replacement templates, tried in order (the first name the donor has is used)."""
 
     base: str
-    donor: str | None = None  # replacement template; None together with keep=True
+    donor: tuple[str, ...] = ()
     keep: bool = False
 
     def __post_init__(self) -> None:
@@ -45,7 +51,7 @@ class Rule:
             re.compile(self.base)
         except re.error as exc:
             raise RecipeError(f"tensor map rule {self.base!r}: invalid regular expression ({exc})") from None
-        if self.keep == (self.donor is not None):
+        if self.keep == bool(self.donor):
             raise RecipeError(f"tensor map rule {self.base!r}: give exactly one of 'donor' or 'keep: true'")
 
 
@@ -54,26 +60,31 @@ class TensorMap:
     name: str
     rules: tuple[Rule, ...] = ()
 
-    def donor_name(self, base_name: str) -> str | None:
-        """The donor tensor merged into ``base_name``, or None when the base tensor is kept."""
+    def donor_names(self, base_name: str) -> tuple[str, ...] | None:
+        """Candidate donor tensors for ``base_name`` (first present wins), or None to keep the base's."""
         for rule in self.rules:
             found = re.fullmatch(rule.base, base_name)
             if found:
-                return None if rule.keep else found.expand(rule.donor)
-        return base_name
+                return None if rule.keep else tuple(found.expand(template) for template in rule.donor)
+        return (base_name,)
 
 
 IDENTITY = TensorMap("identity")
 
-# Built-in maps, as data. "<x>-from-<y>": the base (written) layout is x, the donor's is y.
+# Built-in maps, as data. "<x>-from-<y>": the base (written) layout is x, the donor's is y. Names are
+# checkpoint (safetensors) names: transformers 5 saves a LLaVA as `language_model.model.*`,
+# `language_model.lm_head.*`, `vision_tower.*`, `multi_modal_projector.*` (and loads the newer
+# `model.language_model.*` layout too), so both layouts are listed.
 BUILTIN_MAPS: dict[str, dict[str, Any]] = {
     "identity": {"rules": []},
     "llava-from-llama": {"rules": [
-        {"base": r"model\.(vision_tower|multi_modal_projector)\..*", "keep": True},
-        {"base": r"model\.language_model\.(.*)", "donor": r"model.\1"},
+        {"base": r"(model\.)?(vision_tower|multi_modal_projector)\..*", "keep": True},
+        {"base": r"(language_model\.model|model\.language_model)\.(.*)", "donor": r"model.\2"},
+        {"base": r"(language_model\.)?lm_head\.(.*)", "donor": r"lm_head.\2"},
     ]},
     "llama-from-llava": {"rules": [
-        {"base": r"model\.(.*)", "donor": r"model.language_model.\1"},
+        {"base": r"model\.(.*)", "donor": [r"language_model.model.\1", r"model.language_model.\1"]},
+        {"base": r"lm_head\.(.*)", "donor": [r"language_model.lm_head.\1", r"lm_head.\1"]},
     ]},
     # mPLUG-Owl2: k/v projections and layer norms have per-modality copies `<module>.multiway.<k>.*`;
     # every copy is merged with the donor's single tensor; the visual modules stay as they are.
@@ -83,8 +94,8 @@ BUILTIN_MAPS: dict[str, dict[str, Any]] = {
     ]},
     # the other direction takes the text copy (multiway.0) of each duplicated module
     "llama-from-multiway": {"rules": [
-        {"base": r"(.*\.self_attn\.(?:k_proj|v_proj))\.(.*)", "donor": r"\1.multiway.0.\2"},
-        {"base": r"(.*\.(?:input_layernorm|post_attention_layernorm))\.(.*)", "donor": r"\1.multiway.0.\2"},
+        {"base": r"(.*\.(?:self_attn\.k_proj|self_attn\.v_proj|input_layernorm|post_attention_layernorm))\.(.*)",
+         "donor": [r"\1.multiway.0.\2", r"\1.\2"]},
     ]},
 }
 
@@ -100,7 +111,9 @@ def parse_map(raw: Any, name: str = "inline") -> TensorMap:
     for i, item in enumerate(raw.get("rules", [])):
         if not isinstance(item, dict) or set(item) - {"base", "donor", "keep"} or "base" not in item:
             raise RecipeError(f"tensor map {name!r}: rules[{i}] must be a mapping with 'base' and 'donor' or 'keep'")
-        rules.append(Rule(str(item["base"]), item.get("donor"), bool(item.get("keep", False))))
+        donor = item.get("donor") or ()
+        donor = (donor,) if isinstance(donor, str) else tuple(str(d) for d in donor)
+        rules.append(Rule(str(item["base"]), donor, bool(item.get("keep", False))))
     return TensorMap(str(raw.get("name", name)), tuple(rules))
 
 
@@ -141,18 +154,41 @@ def plan_merge(
     donor_sets = {donor: set(names) for donor, (names, _) in donors.items()}
     used: dict[str, set[str]] = {donor: set() for donor in donors}
     for name in base_names:
-        donor_name = tensor_map.donor_name(name)
-        if donor_name is None:
+        candidates = tensor_map.donor_names(name)
+        if candidates is None:
             sources[name] = None
             continue
+        sources[name] = []
         for donor, (names, shape) in donors.items():
-            if donor_name not in donor_sets[donor]:
-                close = difflib.get_close_matches(donor_name, list(names), n=1)
+            donor_name = next((c for c in candidates if c in donor_sets[donor]), None)
+            if donor_name is None:
+                close = difflib.get_close_matches(candidates[0], list(names), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ModelError(f"tensor map {tensor_map.name!r}: {name} -> {donor_name}, which model {donor!r} lacks{hint}")
+                raise ModelError(f"tensor map {tensor_map.name!r}: {name} -> {' or '.join(candidates)}, which model {donor!r} lacks{hint}")
             if shape(donor_name) != base_shape(name):
                 raise ModelError(f"tensor map {tensor_map.name!r}: {name} {base_shape(name)} vs {donor!r} {donor_name} {shape(donor_name)}")
             used[donor].add(donor_name)
-        sources[name] = [donor_name] * len(donors)
+            sources[name].append(donor_name)
     unused = {donor: sorted(set(names) - used[donor]) for donor, (names, _) in donors.items()}
     return MergePlan(sources, unused)
+
+
+def checkpoint_names(model: Any) -> dict[str, str]:
+    """``{parameter name in the loaded module: tensor name in its saved checkpoint}``.
+
+    transformers 5 renames some checkpoints on load (a LLaVA's ``language_model.model.*`` becomes
+    ``model.language_model.*``) and reverts the renaming on save; this asks it for that reversal,
+    name by name. Models without renamings map every name to itself.
+    """
+    import torch
+
+    names = list(model.state_dict())
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # an older transformers: no renamings on load
+        return {name: name for name in names}
+    out = {}
+    for name in names:
+        reverted = revert_weight_conversion(model, {name: torch.empty(0)})
+        out[name] = next(iter(reverted)) if len(reverted) == 1 else name
+    return out

@@ -35,6 +35,7 @@ from surgery.adapters import ModelView, neuron_slices
 from surgery.artifacts import Artifact
 from surgery.capture import Capture, Stats, Stream, mlp_activations, mlp_inputs, mlp_outputs, mlp_write_projection
 from surgery.errors import RecipeError, SurgeryError
+from surgery.hetero import checkpoint_names
 from surgery.options import Options
 from surgery.plugins.merge_baselines import MAP_HELP, map_option, stream_merge_named
 
@@ -175,7 +176,8 @@ def layer_seed(seed: int, model_index: int, layer: str) -> int:
 # --- fuse --------------------------------------------------------------------------------------
 
 def tensor_classes(module: torch.nn.Module, view: ModelView) -> tuple[dict[str, TensorClass], dict[str, list]]:
-    """(class per parameter-name prefix, neuron slices per tensor name with their layer index)."""
+    """(class of every tensor, neuron slices ``[(layer, axis, offset)]`` per tensor), both keyed by
+    checkpoint tensor name."""
     prefixes: dict[str, TensorClass] = {view.embed: "embeddings"}
     if view.lm_head:
         prefixes[view.lm_head] = "lm_head"
@@ -193,7 +195,9 @@ def tensor_classes(module: torch.nn.Module, view: ModelView) -> tuple[dict[str, 
                 prefixes[path] = "mlp"
         for item in neuron_slices(module, layer.mlp):
             slices.setdefault(item.name, []).append((str(layer.index), item.axis, item.offset))
-    return prefixes, slices
+    saved_as = checkpoint_names(module)
+    classes = {saved_as[name]: class_of(name, prefixes) for name in saved_as}
+    return classes, {saved_as.get(name, name): value for name, value in slices.items()}
 
 
 def class_of(name: str, prefixes: dict[str, TensorClass]) -> TensorClass:
@@ -224,12 +228,12 @@ def fuse_neurons(tensors: list[torch.Tensor], scores: list[torch.Tensor], axis: 
 class FamFuser:
     """``combine(name, tensors)`` for :func:`stream_merge_named`: FAM on neuron slices, blend elsewhere."""
 
-    def __init__(self, prefixes: dict, slices: dict, scores: list[dict[str, torch.Tensor]],
+    def __init__(self, classes: dict[str, TensorClass], slices: dict, scores: list[dict[str, torch.Tensor]],
                  perms: list[dict[str, torch.Tensor]], opts: FuseOptions) -> None:
-        self.prefixes, self.slices, self.scores, self.perms, self.opts = prefixes, slices, scores, perms, opts
+        self.classes, self.slices, self.scores, self.perms, self.opts = classes, slices, scores, perms, opts
 
     def __call__(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        klass = class_of(name, self.prefixes)
+        klass = self.classes.get(name, "other")
         if klass in self.opts.keep:
             return tensors[0]
         if name in self.slices:
@@ -318,11 +322,11 @@ class Fam:
         if len(ctx.models) < 2:
             raise RecipeError(f"{ctx.where}.models: a merge needs at least two models, got {ctx.models}")
         base = ctx.model(ctx.models[0])
-        prefixes, slices = tensor_classes(base.module, base.view)
+        classes, slices = tensor_classes(base.module, base.view)
         scored = ctx.upstream("score")
         scores = [_scores_of(scored, name, ctx.where) for name in ctx.models]
         perms = _perms(ctx, ctx.models[1:])
-        fuser = FamFuser(prefixes, slices, scores, perms, opts)
+        fuser = FamFuser(classes, slices, scores, perms, opts)
         artifact = stream_merge_named(ctx, fuser, opts.max_shard_mb, map_option(ctx))
         artifact.meta.update(blend=opts.blend, keep=opts.keep, aligned=any(perms))
         return artifact
