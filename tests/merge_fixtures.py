@@ -62,6 +62,6 @@ def run_steps(tmp_path: Path, models: dict[str, Path], steps: list[dict], data: 
     return tmp_path / "run"
 
 
-def logits(model: torch.nn.Module, ids: torch.Tensor, **inputs) -> torch.Tensor:
+def logits(model: torch.nn.Module, input_ids: torch.Tensor, **inputs) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=ids, **inputs).logits
+        return model(input_ids=input_ids, **inputs).logits
