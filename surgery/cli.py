@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
@@ -37,14 +39,21 @@ def _common_run_options(fn):
 @_common_run_options
 @click.option("--output", default=None, help="Run directory (overrides the recipe's output).")
 @click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0.")
+@click.option("--nproc", default=1, type=click.IntRange(min=1), help="Data-parallel processes (torchrun).")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def run(recipe: str, overrides: tuple[str, ...], plugin_refs: tuple[str, ...], output: str | None, device: str | None, debug: bool) -> None:
+def run(recipe: str, overrides: tuple[str, ...], plugin_refs: tuple[str, ...], output: str | None, device: str | None,
+        nproc: int, debug: bool) -> None:
     """Validate RECIPE, then run its steps (finished steps are reused)."""
+    from surgery import distributed
     from surgery.runner import run_recipe
 
     manager = _manager(plugin_refs)
     parsed = load_recipe(recipe, manager, overrides, output)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(_relaunch_with_torchrun(nproc))
     report = run_recipe(parsed, manager, device)
+    if distributed.rank() != 0:
+        return
     for step in report["steps"]:
         figures = ", ".join(f"{k}={_short(v)}" for k, v in step["figures"].items())
         click.echo(f"[{step['index']}] {step['stage']:<9} {step['plugin']:<16} {step['status']:<6} {step['seconds']:>7.2f}s  {figures}")
@@ -109,6 +118,17 @@ def init(template: str, output: str | None) -> None:
 
     write_text(target, resources.files("surgery.templates").joinpath(f"{template}.yaml").read_text())
     click.echo(f"wrote {target}; run it with: surgery run {target}")
+
+
+def _relaunch_with_torchrun(nproc: int) -> int:
+    """Run this same command under torchrun with ``nproc`` processes; return its exit code."""
+    args = [a for a in sys.argv[1:] if not a.startswith("--nproc")]
+    if "--nproc" in sys.argv:
+        position = sys.argv.index("--nproc")
+        args = [a for i, a in enumerate(sys.argv[1:], 1) if i not in (position, position + 1)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "surgery.cli", *args]
+    return subprocess.call(command)
 
 
 def _short(value: object) -> str:

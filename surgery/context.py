@@ -108,6 +108,18 @@ class StepContext:
         size = batch_size or spec.batch_size
         return batches(self.examples(data), tokenizer, size, spec.max_tokens)
 
+    def shard(self, items: list) -> list[tuple[int, Any]]:
+        """This process's share of ``items`` as (global index, item) pairs (all of them when alone)."""
+        from surgery.distributed import shard
+
+        return shard(items)
+
+    def all_reduce(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum streamed statistics over data-parallel processes (in place; identity when alone)."""
+        from surgery.distributed import all_reduce_sum
+
+        return all_reduce_sum(tensors)
+
     def objective(self, name: str) -> "Objective":
         from surgery.objectives import get_objective
 

@@ -27,6 +27,7 @@ import torch
 
 from surgery import __version__
 from surgery.artifacts import Artifact
+from surgery import distributed
 from surgery.context import StepContext
 from surgery.errors import PluginError, SurgeryError
 from surgery.io import read_json, write_json
@@ -112,6 +113,7 @@ class Run:
 
     def execute(self) -> dict[str, Any]:
         """Run every step in order; return the report."""
+        distributed.init_from_env(self.device)
         self.output.mkdir(parents=True, exist_ok=True)
         self.log(f"run {self.recipe.name!r} from {self.recipe.source}")
         previous = ""
@@ -129,8 +131,10 @@ class Run:
             artifact = Artifact.load(final)
             status = "reused"
         else:
-            artifact = self._compute(step, final, fp)
+            self._compute(step, final, fp)
             status = "ran"
+            distributed.barrier()  # ranks > 0 read what rank 0 wrote
+            artifact = Artifact.load(final)
         seconds = round(time.perf_counter() - start, 3)
         self.finished[step.name] = (step, artifact)
         if step.output_model and artifact.model_dir is not None:
@@ -140,10 +144,12 @@ class Run:
             "index": step.index, "name": step.name, "stage": step.stage, "plugin": step.plugin, "status": status,
             "seconds": seconds, "dir": step.dirname, "figures": artifact.figures, "model": step.output_model,
         })
-        write_json(self.output / REPORT_FILE, self.report)
+        if distributed.rank() == 0:
+            write_json(self.output / REPORT_FILE, self.report)
 
-    def _compute(self, step: Step, final: Path, fp: str) -> Artifact:
-        tmp = self.output / f".{step.dirname}.tmp"
+    def _compute(self, step: Step, final: Path, fp: str) -> None:
+        rank = distributed.rank()
+        tmp = self.output / (f".{step.dirname}.tmp" if rank == 0 else f".{step.dirname}.rank{rank}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         ctx = StepContext(self, step, tmp)
@@ -151,12 +157,15 @@ class Run:
         artifact = self._call(step, ctx)
         if not isinstance(artifact, Artifact):
             raise PluginError(f"step {step.index} ({step.stage}: {step.plugin}): plugin returned {type(artifact).__name__}, not an Artifact")
+        if rank != 0:  # only rank 0 writes the run directory
+            shutil.rmtree(tmp, ignore_errors=True)
+            return None
         if artifact.model_dir is None and ctx.saved_model is not None:
             artifact.model_dir = ctx.saved_model
         artifact.save(tmp)
         write_json(tmp / DONE_FILE, {"fingerprint": fp, "finished": _now()})
         _replace_dir(tmp, final)
-        return Artifact.load(final)
+        return None
 
     def _call(self, step: Step, ctx: StepContext) -> Any:
         where = f"step {step.index} ({step.stage}: {step.plugin})"
@@ -170,6 +179,8 @@ class Run:
             raise PluginError(f"plugin raised {type(exc).__name__}: {exc}", where=where) from exc
 
     def log(self, message: str) -> None:
+        if distributed.rank() != 0:
+            return
         self.output.mkdir(parents=True, exist_ok=True)
         with open(self.output / LOG_FILE, "a", encoding="utf-8") as handle:
             handle.write(f"{_now()} {message}\n")
