@@ -138,7 +138,7 @@ class Stats:
     """Streamed sums over tokens (float64). Every entry is additive, so ``merge`` is ``+``."""
 
     def __init__(self, sums: Mapping[str, torch.Tensor] | None = None) -> None:
-        self.sums: dict[str, torch.Tensor] = {k: v.detach().to(torch.float64) for k, v in (sums or {}).items()}
+        self.sums: dict[str, torch.Tensor] = {k: v.detach().to(torch.float64).clone() for k, v in (sums or {}).items()}
 
     def add(self, key: str, value: torch.Tensor) -> None:
         value = value.detach().to(torch.float64)
@@ -274,6 +274,8 @@ def fold(stats: Stats, streams: Sequence[Stream], values: Mapping[Site, torch.Te
             stats.add(f"{stream.name}/fisher", w_n @ g_nf.square())
     for stream in streams:
         for other in stream.cross:
+            if features[other].shape != features[stream.name].shape:
+                raise ValueError(f"streams {stream.name!r} and {other!r} differ in width, so they have no cross term")
             stats.add(f"{stream.name}*{other}/cross", w_n @ (features[stream.name] * features[other]))
 
 

@@ -1,0 +1,76 @@
+"""Overhead of streamed capture over a bare forward pass.
+
+An 8-layer, hidden-256 Llama (random init from its config), batch 8 x seq 128. Times, side by side,
+the median of ``--repeats`` runs of:
+- a bare forward (``torch.no_grad``),
+- one ``Capture.add``: an nnsight trace reading every layer's MLP activations (down-projection
+  input) and folding them into streamed statistics (weighted sum and sum of squares per neuron),
+- the same with ``|a|`` sums, the write-direction projection and its cross term (FAM's forward-only
+  statistics), for reference.
+Goal: capture / bare <= 1.10.
+
+    python benchmarks/capture_overhead.py [--repeats 15] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import transformers
+
+from surgery.adapters import view
+from surgery.capture import Capture, mlp_activations, mlp_write_projection
+
+
+def build_model() -> torch.nn.Module:
+    config = transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                                      num_attention_heads=8, num_key_value_heads=8)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def median_ms(run: Callable[[], None], repeats: int) -> float:
+    run()  # warm-up (first trace at a code site is parsed and cached)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model()
+    layers = view(model).layers
+    generator = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 1024, (8, 128), generator=generator),
+             "attention_mask": torch.ones(8, 128, dtype=torch.long)}
+
+    def bare() -> None:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    plain = Capture(model, {str(l.index): [mlp_activations(l)] for l in layers})
+    fam = Capture(model, {str(l.index): [mlp_activations(l, absolute=True, cross=("write",)),
+                                         mlp_write_projection(model, l)] for l in layers})
+    # interleave the measurements so drifting machine load hits all of them alike
+    rounds = [(median_ms(bare, args.repeats), median_ms(lambda: plain.add(batch), args.repeats),
+               median_ms(lambda: fam.add(batch), args.repeats)) for _ in range(3)]
+    bare_ms, plain_ms, fam_ms = (statistics.median(r[i] for r in rounds) for i in range(3))
+    print(f"model: llama 8 layers, hidden 256, intermediate 1024; batch 8 x 128; torch threads {torch.get_num_threads()}")
+    print(f"{'bare forward':<44}{bare_ms:9.1f} ms   1.00x")
+    print(f"{'capture MLP activations (mean, m2)':<44}{plain_ms:9.1f} ms   {plain_ms / bare_ms:.2f}x   (goal <= 1.10)")
+    print(f"{'capture + |a|, write projection, cross':<44}{fam_ms:9.1f} ms   {fam_ms / bare_ms:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
