@@ -292,6 +292,10 @@ def save_heatmap(scores_lu: torch.Tensor, path: Path, title: str) -> None:
     limit = float(abs(values).max()) or 1.0
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * values.shape[1] + 2), max(3.0, 0.25 * values.shape[0] + 1.5)))
     image = ax.imshow(values, cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("unit")
     ax.set_ylabel("layer")
     ax.set_title(title)

@@ -111,11 +111,11 @@ def _run(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict,
     if len(gates) != len(sites):
         raise ValueError(f"{len(gates)} gate tensors for {len(sites)} sites")
     nm = _wrapped(model)
-    envoys = [envoy_at(nm, site.path) for site in sites]
+    order = _module_order(model)
+    gated = sorted((order[site.path], i) for i, (site, gate) in enumerate(zip(sites, gates)) if gate is not None)
     with nm.trace(**model_inputs(batch)):
-        for site, envoy, gate in zip(sites, envoys, gates):
-            if gate is None:
-                continue
+        for _, i in gated:  # nnsight serves module inputs in execution order
+            site, gate, envoy = sites[i], gates[i], envoy_at(nm, sites[i].path)
             x_rtd = envoy.input
             rows, tokens = x_rtd.shape[0], x_rtd.shape[1]
             g = gate.to(x_rtd.dtype).view(rows, 1, site.units, 1)
@@ -168,6 +168,16 @@ class PointChunk:
 
 
 _WRAPPED: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
+
+
+_ORDER: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, int]]" = weakref.WeakKeyDictionary()
+
+
+def _module_order(model: torch.nn.Module) -> dict[str, int]:
+    """Module path -> registration index, which for transformer blocks is their execution order."""
+    if model not in _ORDER:
+        _ORDER[model] = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return _ORDER[model]
 
 
 def _wrapped(model: torch.nn.Module) -> Any:
