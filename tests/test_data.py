@@ -262,3 +262,21 @@ def test_image_text_refuses_pickled_npy_and_missing_image(tmp_path):
     write_lines(tmp_path / "img.jsonl", [json.dumps({"image": "gone.png", "text": "red"})])
     with pytest.raises(DataError, match=r"img\.jsonl:1: image not found: gone\.png"):
         load(tmp_path, source="image-text", path="img.jsonl")
+
+
+@pytest.mark.parametrize("task", ["synthetic-mix", "synthetic-image-mix"])
+def test_batches_match_the_zoo_training_encoding(task):
+    """The zoo trains on its own encoding; batches of its examples must reproduce it exactly."""
+    from surgery.zoo.encode import encode
+    from surgery.zoo.tasks import make_examples
+    from surgery.zoo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    examples = make_examples(task, 12, seed=3)
+    reference = encode(examples, tok)
+    (batch,) = batches(examples, tok, batch_size=12, max_tokens=None)
+    assert torch.equal(batch["input_ids"], reference["input_ids"])
+    assert torch.equal(batch["attention_mask"], reference["attention_mask"])
+    assert torch.equal(batch["answer_mask"].bool(), reference["answer_mask"])
+    if "pixel_values" in reference:
+        assert torch.equal(batch["pixel_values"], reference["pixel_values"])

