@@ -166,8 +166,9 @@ def register_objectives(register: Callable[..., None]) -> None:
 
 @hookspec
 def register_data_sources(register: Callable[..., None]) -> None:
-    """Add data sources: ``register(name, load)`` where ``load(spec, seed) -> list[dict]`` returns
-    examples (``{"text": ...}``, optionally ``"prompt"``/``"answer"`` or preference fields)."""
+    """Add data sources: ``register(name, load, schema=None)`` where ``load(spec, seed) -> list[dict]``
+    returns examples (``{"text": ...}``, optionally ``"prompt"``/``"answer"``, preference fields or
+    ``"pixel_values"``) and ``schema`` (an Options subclass) validates the source's own recipe keys."""
 
 
 @hookspec
