@@ -16,6 +16,7 @@ rows of a GPT-2 Conv1D); the bias, shared by all units, is untouched.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -182,7 +183,9 @@ def _module_order(model: torch.nn.Module) -> dict[str, int]:
 
 def _wrapped(model: torch.nn.Module) -> Any:
     if model not in _WRAPPED:
-        _WRAPPED[model] = nnsight.NNsight(model)
+        with warnings.catch_warnings():  # BERT's `output` children: adapters.envoy_at knows them as E_output
+            warnings.filterwarnings("ignore", message=".*has a submodule named 'output'")
+            _WRAPPED[model] = nnsight.NNsight(model)
     return _WRAPPED[model]
 
 

@@ -15,11 +15,13 @@ convention (negative = the unit lowers the loss):
   ``L(S + h) - L(S)``. Efficiency holds exactly for every permutation: per group the values sum to
   ``L(group at 1) - L(group at baseline)``. Groups: every unit of the model (``scope: all``) or each
   layer with the others at 1 (``scope: per-layer``). Antithetic sampling pairs each order with its
-  reverse.
+  reverse; a budget of at least n! orders enumerates them all (exact Shapley values).
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+import itertools
+import math
+from typing import Iterator, Literal, Sequence
 
 import torch
 from pydantic import Field
@@ -146,19 +148,26 @@ def shapley(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict, loss
     loss_base = torch.zeros(rows, len(groups), dtype=torch.float64)
     loss_full = torch.zeros(rows, dtype=torch.float64)
     for g, group in enumerate(groups):
-        order = None
-        for i in range(permutations):
-            if antithetic and i % 2 == 1:
-                order = order.flip(0)
-            else:
-                order = torch.randperm(len(group), generator=generator)
-            loss_pb = _coalition_losses(model, sites, batch, loss_fn, [group[j] for j in order.tolist()],
-                                        value, points_per_chunk)
-            for j, unit_index in enumerate(order.tolist()):
+        orders = list(_orders(len(group), permutations, generator, antithetic))
+        for order in orders:
+            loss_pb = _coalition_losses(model, sites, batch, loss_fn, [group[j] for j in order], value, points_per_chunk)
+            for j, unit_index in enumerate(order):
                 l, u = group[unit_index]
-                acc[:, l, u] += loss_pb[j + 1] - loss_pb[j]
+                acc[:, l, u] += (loss_pb[j + 1] - loss_pb[j]) / len(orders)
             loss_base[:, g], loss_full = loss_pb[0], loss_pb[-1]
-    return Attribution(acc / permutations, loss_full, loss_base)
+    return Attribution(acc, loss_full, loss_base)
+
+
+def _orders(n: int, budget: int, generator: torch.Generator, antithetic: bool) -> Iterator[list[int]]:
+    """``budget`` sampled orders of ``n`` units (each odd one the reverse of the one before when
+    ``antithetic``), or all ``n!`` orders when the budget covers them (exact Shapley values)."""
+    if n <= 8 and budget >= math.factorial(n):
+        yield from (list(order) for order in itertools.permutations(range(n)))
+        return
+    order: list[int] = []
+    for i in range(budget):
+        order = order[::-1] if antithetic and i % 2 == 1 else torch.randperm(n, generator=generator).tolist()
+        yield order
 
 
 def _coalition_losses(model, sites, batch, loss_fn, ordered_units, value, points_per_chunk) -> torch.Tensor:

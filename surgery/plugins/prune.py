@@ -340,14 +340,15 @@ class _Prune:
         units = Units(sites_for(loaded, opts.target), loaded.view, opts.target)
         scores = read_scores(ctx, units, self.needs_sign) if self.needs_scores else None
         evaluator = Evaluator(ctx, loaded, units, opts.objective, opts.memory_mb)
-        mask, curve = self.plan(ctx, units, scores, evaluator)
-        return finish(ctx, loaded, units, mask, curve, evaluator, self.name)
+        mask, curve, extra = self.plan(ctx, units, scores, evaluator)
+        return finish(ctx, loaded, units, mask, curve, evaluator, self.name, extra)
 
-    def plan(self, ctx, units: Units, scores: list[float] | None, evaluator: Evaluator) -> tuple[Mask, list]:
+    def plan(self, ctx, units: Units, scores: list[float] | None, evaluator: Evaluator) -> tuple[Mask, list, dict]:
+        """The prune mask, the prune curve [(fraction, objective)], and extra meta."""
         opts = ctx.options
         order = self.order(ctx, scores, units)
         make = self._maker(ctx, units, order)
-        return make(opts.fraction), curve_of(units, evaluator, [make(a) for a in opts.curve])
+        return make(opts.fraction), curve_of(units, evaluator, [make(a) for a in opts.curve]), {}
 
     def _maker(self, ctx, units: Units, order: list[int]) -> Callable[[float], Mask]:
         ranks = ranks_of(units, order)
@@ -420,7 +421,7 @@ class Layerwise(_Prune):
             mask = layer_plan(units, orders, [r * scale for r in ratios])
             return compactable(units, mask, ranks) if opts.output == "compact" else mask
 
-        return make(1.0), curve_of(units, evaluator, [make(s) for s in opts.curve])
+        return make(1.0), curve_of(units, evaluator, [make(s) for s in opts.curve]), {"layer_ratios": ratios}
 
 
 class Iterative(_Prune):
@@ -444,6 +445,7 @@ class Iterative(_Prune):
         limit = before * (1 + opts.max_increase)
         per_round = max(1, round(opts.step * units.total))
         target_total = round(opts.max_fraction * units.total)
+        stop = {"stopped": "max_fraction", "objective_limit": limit}
         while int(mask.sum()) < target_total:
             saved = zeroed_columns(loaded.module, units, mask)
             try:
@@ -461,11 +463,15 @@ class Iterative(_Prune):
                 trial = compactable(units, trial, ranks_of(units, candidates))
             loss = evaluator.losses([trial])[0]
             ctx.log(f"iterative: {int(trial.sum())}/{units.total} pruned, objective {loss:.4f}")
-            if loss > limit or int(trial.sum()) <= int(mask.sum()):
+            if int(trial.sum()) <= int(mask.sum()):
+                stop["stopped"] = "no_progress"
+                break
+            if loss > limit:
+                stop.update(stopped="objective", rejected=[int(trial.sum()) / units.total, loss])
                 break
             mask = trial
             curve.append((int(mask.sum()) / units.total, loss))
-        return mask, curve
+        return mask, curve, stop
 
     @staticmethod
     def _order(scores: list[float], order: str) -> list[int]:
@@ -508,7 +514,8 @@ def curve_of(units: Units, evaluator: Evaluator, masks: list[Mask]) -> list[tupl
     return sorted((int(m.sum()) / units.total, loss) for m, loss in zip(masks, losses))
 
 
-def finish(ctx, loaded, units: Units, mask: Mask, curve: list, evaluator: Evaluator, strategy: str) -> Artifact:
+def finish(ctx, loaded, units: Units, mask: Mask, curve: list, evaluator: Evaluator, strategy: str,
+           extra: dict | None = None) -> Artifact:
     """Evaluate, save the pruned model, and build the artifact."""
     opts = ctx.options
     before, after_gated = evaluator.losses([units.empty_mask(), mask])
@@ -521,7 +528,7 @@ def finish(ctx, loaded, units: Units, mask: Mask, curve: list, evaluator: Evalua
         "pruned_per_layer": mask.sum(1).tolist(), "units_per_layer": units.counts,
         "objective_before": before, "objective_after_gated": after_gated,
         "params_before": params_before, "params_removed": removed,
-        "curve": [list(point) for point in curve],
+        "curve": [list(point) for point in curve], **(extra or {}),
     }
     if opts.output == "compact":
         pruned = compact_model(model, loaded.view, *_keeps(units, mask))
