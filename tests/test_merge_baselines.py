@@ -118,3 +118,28 @@ def test_dare_recipe_is_reproducible_and_density_one_is_task_arithmetic(tmp_path
         assert torch.allclose(full[name], expected, atol=1e-6), name
     changed = first["model.layers.0.mlp.up_proj.weight"] - wa["model.layers.0.mlp.up_proj.weight"]
     assert 0 < (changed == 0).float().mean() < 1  # some entries of both donors dropped, not all
+
+
+def test_probe_loss_is_the_token_weighted_answer_nll(tmp_path):
+    import json
+
+    from merge_fixtures import build, run_steps, save, tokenizer
+
+    model = build("llama", 0)
+    model_dir = save(model, tmp_path / "m")
+    records = [{"prompt": "copy: 3 1 =", "answer": " 3 1", "task": "copy"},
+               {"prompt": "reverse: 4 5 6 =", "answer": " 6 5 4", "task": "reverse"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({k: r[k] for k in ("prompt", "answer")}) for r in records) + "\n")
+    run = run_steps(tmp_path, {"m": model_dir}, [{"evaluate": {"plugin": "probe-loss"}}], data=tmp_path / "d.jsonl")
+    figures = json.loads((run / "report.json").read_text())["steps"][0]["figures"]
+    total, count = 0.0, 0
+    tok = tokenizer()
+    for r in records:  # by hand: NLL of each answer token given everything before it
+        ids = tok(r["prompt"] + r["answer"], return_tensors="pt")["input_ids"][0]
+        n_prompt = len(tok(r["prompt"])["input_ids"]) - 1  # the prompt's tokens without the closing <eos>
+        with torch.no_grad():
+            log_p = torch.log_softmax(model(ids[None]).logits[0].double(), -1)
+        for t in range(n_prompt, n_prompt + len(r["answer"].split())):
+            total -= float(log_p[t - 1, ids[t]])
+            count += 1
+    assert figures["m/loss"] == pytest.approx(total / count, rel=1e-5)

@@ -65,6 +65,7 @@ class FuseOptions(Options):
     blend: float = Field(0.5, ge=0, le=1, description="donor share of tensors that are not MLP neurons")
     blend_by_class: dict[TensorClass, float] = Field(default_factory=dict, description="blend per tensor class (overrides blend)")
     keep: list[TensorClass] = Field(default_factory=list, description="tensor classes kept from the base model")
+    score_power: float = Field(1.0, ge=0, description="neurons are weighted by FAI**score_power (1: DESIGN; 0: plain mean)")
     map: str | dict | None = Field(None, description=MAP_HELP)
     max_shard_mb: float | None = Field(256.0, gt=0, description="cap on each output safetensors shard (MiB)")
 
@@ -90,6 +91,20 @@ def capture_model(module: torch.nn.Module, view: ModelView, batches, *, weighter
     for batch in batches:
         engine.add(batch)
     return engine.result()
+
+
+def sharded_batches(ctx, batch_iter) -> list[dict]:
+    """This process's share of the probe batches, each with its rows' global ``row_index`` (so the
+    sketches' random projections do not depend on how the probe set is split over processes)."""
+    all_batches, start = [], 0
+    for batch in batch_iter:
+        rows = batch["input_ids"].shape[0]
+        all_batches.append({**batch, "row_index": torch.arange(start, start + rows)})
+        start += rows
+    mine = [batch for _, batch in ctx.shard(all_batches)]
+    if not mine:
+        raise SurgeryError(f"{ctx.where}: {len(all_batches)} probe batches are too few for this many processes")
+    return mine
 
 
 def layer_stats(artifact: Artifact, model: str, layer: str) -> Stats:
@@ -280,14 +295,18 @@ class Fam:
         for name in ctx.models:
             loaded = ctx.model(name)
             view = loaded.view
-            batches = ctx.progress(ctx.batches(loaded.tokenizer, batch_size=opts.batch_size), desc=f"fam capture {name}")
-            stats = capture_model(loaded.module, view, batches, weighter=weighter, objective=objective,
-                                  fisher=opts.fisher, sketch_dim=opts.sketch_dim, seed=ctx.seed)
+            mine = sharded_batches(ctx, ctx.batches(loaded.tokenizer, batch_size=opts.batch_size))
+            stats = capture_model(loaded.module, view, ctx.progress(mine, desc=f"fam capture {name}", total=len(mine)),
+                                  weighter=weighter, objective=objective, fisher=opts.fisher,
+                                  sketch_dim=opts.sketch_dim, seed=ctx.seed)
+            model_tensors = {}
             for layer, layer_stats_ in stats.items():
-                tensors.update(layer_stats_.tensors(prefix=f"{name}/{layer}/"))
+                model_tensors.update(layer_stats_.tensors(prefix=f"{name}/{layer}/"))
+            tensors.update(ctx.all_reduce(model_tensors))
             layers[name] = [layer.index for layer in view.layers]
-            first = next(iter(stats.values()))
-            figures[f"{name}/tokens"], figures[f"{name}/weight"] = first.count, first.weight
+            first = str(view.layers[0].index)
+            figures[f"{name}/tokens"] = int(tensors[f"{name}/{first}/count"])
+            figures[f"{name}/weight"] = float(tensors[f"{name}/{first}/weight"])
         meta = {"models": list(ctx.models), "layers": layers, "sketch_dim": opts.sketch_dim, "fisher": opts.fisher,
                 "weighting": getattr(weighter, "meta", {}).get("weighting", "uniform")}
         return Artifact(tensors=tensors, meta=meta, figures=figures)
@@ -324,7 +343,8 @@ class Fam:
         base = ctx.model(ctx.models[0])
         classes, slices = tensor_classes(base.module, base.view)
         scored = ctx.upstream("score")
-        scores = [_scores_of(scored, name, ctx.where) for name in ctx.models]
+        scores = [{layer: s.double() ** opts.score_power for layer, s in _scores_of(scored, name, ctx.where).items()}
+                  for name in ctx.models]
         perms = _perms(ctx, ctx.models[1:])
         fuser = FamFuser(classes, slices, scores, perms, opts)
         artifact = stream_merge_named(ctx, fuser, opts.max_shard_mb, map_option(ctx))
