@@ -2,24 +2,28 @@
 
 An 8-layer, hidden-256 Llama (random init from its config), batch 8 x seq 128. Times, side by side,
 the median of ``--repeats`` runs of:
-- a bare forward (``torch.no_grad``),
+- a bare forward of an unwrapped copy (``torch.no_grad``, no key/value cache, as the capture runs it),
+- an nnsight trace of the same forward that reads nothing (the tracing cost alone),
 - one ``Capture.add``: an nnsight trace reading every layer's MLP activations (down-projection
   input) and folding them into streamed statistics (weighted sum and sum of squares per neuron),
 - the same with ``|a|`` sums, the write-direction projection and its cross term (FAM's forward-only
   statistics), for reference.
 Goal: capture / bare <= 1.10.
 
-    python benchmarks/capture_overhead.py [--repeats 15] [--threads N]
+    python benchmarks/capture_overhead.py [--repeats 15] [--threads N] [--device cuda]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from typing import Callable
 
+import nnsight
 import torch
 import transformers
+from nnsight import NNsight
 
 from surgery.adapters import view
 from surgery.capture import Capture, mlp_activations, mlp_write_projection
@@ -32,12 +36,17 @@ def build_model() -> torch.nn.Module:
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def median_ms(run: Callable[[], None], repeats: int) -> float:
-    run()  # warm-up (first trace at a code site is parsed and cached)
+def median_ms(run: Callable[[], None], repeats: int, device: torch.device) -> float:
+    def synced() -> None:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    synced()  # warm-up (first trace at a code site is parsed and cached)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run()
+        synced()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -46,28 +55,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model()
+    device = torch.device(args.device)
+    model = build_model().to(device)
     layers = view(model).layers
     generator = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(0, 1024, (8, 128), generator=generator),
-             "attention_mask": torch.ones(8, 128, dtype=torch.long)}
+    batch = {"input_ids": torch.randint(0, 1024, (8, 128), generator=generator).to(device),
+             "attention_mask": torch.ones(8, 128, dtype=torch.long, device=device)}
+
+    unwrapped = copy.deepcopy(model)  # nnsight installs a forward wrapper on every module it wraps
 
     def bare() -> None:
         with torch.no_grad():
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            unwrapped(**batch, use_cache=False)
+
+    traced = NNsight(model)
+
+    def empty_trace() -> None:
+        with torch.no_grad(), traced.trace(**batch, use_cache=False):
+            nnsight.save(traced.output)
 
     plain = Capture(model, {str(l.index): [mlp_activations(l)] for l in layers})
     fam = Capture(model, {str(l.index): [mlp_activations(l, absolute=True, cross=("write",)),
                                          mlp_write_projection(model, l)] for l in layers})
     # interleave the measurements so drifting machine load hits all of them alike
-    rounds = [(median_ms(bare, args.repeats), median_ms(lambda: plain.add(batch), args.repeats),
-               median_ms(lambda: fam.add(batch), args.repeats)) for _ in range(3)]
-    bare_ms, plain_ms, fam_ms = (statistics.median(r[i] for r in rounds) for i in range(3))
-    print(f"model: llama 8 layers, hidden 256, intermediate 1024; batch 8 x 128; torch threads {torch.get_num_threads()}")
+    runs = [bare, empty_trace, lambda: plain.add(batch), lambda: fam.add(batch)]
+    rounds = [[median_ms(run, args.repeats, device) for run in runs] for _ in range(3)]
+    bare_ms, empty_ms, plain_ms, fam_ms = (statistics.median(r[i] for r in rounds) for i in range(len(runs)))
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"model: llama 8 layers, hidden 256, intermediate 1024; batch 8 x 128; {where}")
     print(f"{'bare forward':<44}{bare_ms:9.1f} ms   1.00x")
+    print(f"{'nnsight trace, nothing read':<44}{empty_ms:9.1f} ms   {empty_ms / bare_ms:.2f}x")
     print(f"{'capture MLP activations (mean, m2)':<44}{plain_ms:9.1f} ms   {plain_ms / bare_ms:.2f}x   (goal <= 1.10)")
     print(f"{'capture + |a|, write projection, cross':<44}{fam_ms:9.1f} ms   {fam_ms / bare_ms:.2f}x")
 

@@ -28,7 +28,13 @@ Sketches: real token j of probe row r gets ``r_t ~ N(0, I_k / k)`` from a genera
 ``(seed, r)`` (its j-th draw), so two models run on the same probe rows in the same order see the
 same r_t. ``sketch = sum_t sqrt(w_t) r_t v_t`` and ``sketch_basis = sum_t sqrt(w_t) r_t`` give
 centred sketches whose column cosines approximate weighted activation correlations, across layers
-and across models. Pass ``batch["row_index"]`` ``[B]`` when rows are sharded over processes.
+and across models (with the same token weights: a weighter that depends on each model's logits
+gives each model its own weighting). Pass ``batch["row_index"]`` ``[B]`` (global probe-row
+indices) when rows are sharded over processes.
+
+Sites must be ``[B, T, ...]`` like the attention mask: text positions. Vision-tower sites (patch
+positions) are not captured by this engine. Wrapping a model in nnsight installs a forward wrapper
+on each of its modules for the life of the module (a small cost on later untraced calls too).
 
 Example (what a FAM ``capture`` plugin asks for, in one pass per batch)::
 
@@ -55,6 +61,7 @@ Example (what a FAM ``capture`` plugin asks for, in one pass per batch)::
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import warnings
@@ -317,6 +324,8 @@ class Capture:
             warnings.simplefilter("ignore")
             self.traced = NNsight(model)
         self.envoys = {site: envoy_at(self.traced, site.path) for site in self.sites}
+        # no key/value cache: a capture never generates, and the cache costs memory in every layer
+        self.extra_inputs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
     def add(self, batch: dict) -> None:
         """Run one batch and fold it into ``self.stats``."""
@@ -345,7 +354,7 @@ class Capture:
     def _trace(self, batch: dict) -> tuple[dict[Site, torch.Tensor], dict[Site, torch.Tensor], torch.Tensor | None]:
         import nnsight
 
-        inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+        inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch} | self.extra_inputs
         with torch.set_grad_enabled(bool(self.grad_sites)), self.traced.trace(**inputs):
             values, probes = nnsight.save({}), nnsight.save({})
             for site in self.sites:

@@ -232,12 +232,14 @@ def test_non_finite_statistics_and_bad_plans_are_reported(llama):
         Capture(model, {"0": [mlp_activations(v.layers[0], cross=("write",))]})
 
 
-def test_mean_plugin_from_a_recipe_equals_a_hand_computation(tmp_path):
+@pytest.mark.parametrize("weighting", ["uniform", "tlinp"])
+def test_mean_plugin_from_a_recipe_equals_a_hand_computation(tmp_path, weighting):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from surgery.artifacts import Artifact
     from surgery.data import batches as make_batches
     from surgery.manager import Manager
+    from surgery.plugins.tlinp import tlinp_weights
     from surgery.recipe import validate
     from surgery.runner import run_recipe
     from surgery.zoo.tokenizer import VOCAB, build_tokenizer
@@ -252,21 +254,28 @@ def test_mean_plugin_from_a_recipe_equals_a_hand_computation(tmp_path):
     (tmp_path / "probe.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     raw = {"name": "t", "seed": 0, "models": {"m": str(tmp_path / "m")},
            "data": {"probe": {"source": "jsonl", "path": str(tmp_path / "probe.jsonl"), "batch_size": 2}},
-           "steps": [{"capture": {"plugin": "mean", "layers": [1]}}], "output": str(tmp_path / "run")}
+           "steps": [{"weight": {"plugin": weighting}}, {"capture": {"plugin": "mean", "layers": [1]}}],
+           "output": str(tmp_path / "run")}
     manager = Manager()
     run_recipe(validate(raw, manager, base_dir=tmp_path), manager, quiet=True)
-    artifact = Artifact.load(tmp_path / "run" / "00-capture-mean")
+    artifact = Artifact.load(tmp_path / "run" / "01-capture-mean")
     assert sorted(artifact.tensors) == ["m/1/m2", "m/1/mean"]
 
-    seen = []
+    seen, weights, masks = [], [], []
     hook = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    masks = []
     with torch.no_grad():
         for batch in make_batches([{"text": t} for t in texts], tokenizer, 2, 128):
-            model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            masks.append(batch["attention_mask"].reshape(-1).bool())
+            logits = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            mask = batch["attention_mask"]
+            w = tlinp_weights(logits, batch["input_ids"], mask) if weighting == "tlinp" else mask.float()
+            weights.append(w.reshape(-1)[mask.reshape(-1).bool()])
+            masks.append(mask.reshape(-1).bool())
     hook.remove()
-    acts = torch.cat([a.reshape(-1, a.shape[-1]) for a in seen])[torch.cat(masks)]
+    acts = torch.cat([a.reshape(-1, a.shape[-1]) for a in seen])[torch.cat(masks)].double()
+    w = torch.cat(weights).double()[:, None]
     assert artifact.figures["m/tokens"] == len(acts)
-    assert torch.allclose(artifact.tensors["m/1/mean"], acts.mean(0), atol=1e-6)
-    assert torch.allclose(artifact.tensors["m/1/m2"], acts.square().mean(0), atol=1e-6)
+    assert artifact.figures["m/weight"] == pytest.approx(float(w.sum()), rel=1e-6)
+    assert torch.allclose(artifact.tensors["m/1/mean"].double(), (w * acts).sum(0) / w.sum(), atol=1e-6)
+    assert torch.allclose(artifact.tensors["m/1/m2"].double(), (w * acts.square()).sum(0) / w.sum(), atol=1e-6)
+    if weighting == "tlinp":
+        assert not torch.allclose(artifact.tensors["m/1/mean"].double(), acts.mean(0), atol=1e-4)
