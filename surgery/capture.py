@@ -66,7 +66,7 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 
@@ -396,6 +396,16 @@ def capture(model: torch.nn.Module, batches: Iterable[dict], plan: Mapping[str, 
     for batch in batches:
         engine.add(batch)
     return engine.result()
+
+
+def number_rows(batches: Iterable[dict]) -> Iterator[dict]:
+    """The batches with ``row_index`` ``[B]``: each row's global position in the probe set, so a
+    capture of any share of them draws the same sketch bases as a capture of all of them."""
+    start = 0
+    for batch in batches:
+        rows = batch["input_ids"].shape[0]
+        yield {**batch, "row_index": torch.arange(start, start + rows)}
+        start += rows
 
 
 def _check_plan(plan: Mapping[str, Sequence[Stream]], objective: Any) -> None:

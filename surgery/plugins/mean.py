@@ -8,6 +8,8 @@ For each model in the step and each layer l, over the probe set's real tokens wi
 with a_{t,l,i} the input of layer l's MLP down projection (neuron i). Tensors
 ``"<model>/<layer>/mean"`` and ``"<model>/<layer>/m2"`` (float32, ``[intermediate]``); figures
 ``"<model>/tokens"`` (real tokens seen) and ``"<model>/weight"`` (sum of the token weights).
+Under data parallelism (``surgery run --nproc N``) each process captures its share of the probe
+batches and the sums are all-reduced before the means are taken.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pydantic import Field
 
 from surgery import hookimpl
 from surgery.artifacts import Artifact
-from surgery.capture import Capture, mlp_activations
+from surgery.capture import Capture, mlp_activations, number_rows
 from surgery.errors import RecipeError
 from surgery.options import Options
 
@@ -41,9 +43,12 @@ class Mean:
             layers = _selected_layers(ctx, name, loaded.view.layers)
             engine = Capture(loaded.module, {str(l.index): [mlp_activations(l)] for l in layers},
                              weighter=weighter, seed=ctx.seed)
-            for batch in ctx.progress(ctx.batches(loaded.tokenizer, batch_size=ctx.options.batch_size), desc=f"mean {name}"):
+            mine = _my_batches(ctx, ctx.batches(loaded.tokenizer, batch_size=ctx.options.batch_size))
+            for batch in ctx.progress(mine, desc=f"mean {name}", total=len(mine)):
                 engine.add(batch)
             stats = engine.result()
+            for group_stats in stats.values():
+                ctx.all_reduce(group_stats.sums)  # data-parallel processes: sums add up exactly
             for group, group_stats in stats.items():
                 tensors[f"{name}/{group}/mean"] = group_stats.mean("act").float()
                 tensors[f"{name}/{group}/m2"] = group_stats.second_moment("act").float()
@@ -53,6 +58,15 @@ class Mean:
             layers_of[name] = [l.index for l in layers]
         return Artifact(tensors=tensors, meta={"models": list(ctx.models), "layers": layers_of, "site": "mlp.down input"},
                         figures=figures)
+
+
+def _my_batches(ctx, batches) -> list[dict]:
+    """This process's share of the probe batches (all of them when alone), rows numbered globally."""
+    numbered = list(number_rows(batches))
+    mine = [batch for _, batch in ctx.shard(numbered)]
+    if not mine:
+        raise RecipeError(f"{ctx.where}: {len(numbered)} probe batches are too few for this many processes")
+    return mine
 
 
 def _selected_layers(ctx, name: str, layers: tuple) -> list:
