@@ -9,7 +9,6 @@ and ``backward``; the ``mean`` plugin run from a recipe equals a hand computatio
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
