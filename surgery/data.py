@@ -211,6 +211,7 @@ def batches(
       twice, prefixed ``chosen_`` and ``rejected_`` (prompt + that response, with ``answer_mask``
       on the response); ``split_preference`` separates them.
     - ``pixel_values`` of the examples are stacked into [B, ...].
+    - ``mask_token_id`` (an int) when the tokenizer has a mask token, for masked objectives.
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -235,6 +236,8 @@ def batches(
             batch = _pad(seqs, pad_id, with_answer=False)
         if "pixel_values" in chunk[0]:
             batch["pixel_values"] = _stack_pixels(chunk, start)
+        if getattr(tokenizer, "mask_token_id", None) is not None:
+            batch["mask_token_id"] = int(tokenizer.mask_token_id)  # for the masking objectives
         yield batch
 
 

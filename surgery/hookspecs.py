@@ -155,7 +155,8 @@ def evaluate(ctx: "StepContext") -> "Artifact":
 @hookspec
 def register_architectures(register: Callable[..., None]) -> None:
     """Add architecture adapters: ``register(model_type, build_view)`` where
-    ``build_view(model) -> surgery.adapters.ModelView``. ``model_type`` is ``config.model_type``.
+    ``build_view(model, part) -> surgery.adapters.ModelView`` (``part`` names a sub-model such as
+    LLaVA's ``language`` or ``vision``). ``model_type`` is ``config.model_type``.
     """
 
 
