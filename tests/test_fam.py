@@ -1,6 +1,8 @@
 """FAM: streamed statistics, FAI against a per-token oracle, clustering, fusion and the whole recipe."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -139,6 +141,9 @@ def test_fam_recipe_merges_a_model_with_its_shuffled_fine_tune(tmp_path, pair):
     # without alignment the MLP rows would be averages of unrelated neurons (differences ~0.05)
     for name in wb:
         assert (wm[name] - wb[name]).abs().max() < 0.01, name
+    captured = json.loads((run / "01-capture-fam" / "meta.json").read_text())
+    assert captured["meta"]["weighting"] == "tlinp"  # the recipe's weight step reached the capture
+    assert 0 < captured["figures"]["base/weight"] < captured["figures"]["base/tokens"]
     labels = load_file(str(run / "03-cluster-fam" / "tensors.safetensors"))
     assert sorted(labels["base/0/labels"].unique().tolist()) == [0, 1, 2, 3]
     ids = tokenizer()(["copy: 3 1 4 = 3 1 4"], return_tensors="pt")["input_ids"]
