@@ -21,7 +21,8 @@ Metrics (SAELens' definitions; all streamed as sums and counts, so they merge ac
 - L0: mean number of non-zero features per token;
 - dead features: features that never fired on the evaluation tokens;
 - CE-loss recovered ``(CE_zero - CE_sae) / (CE_zero - CE_clean)``: the next-token loss with the
-  site replaced by zeros, by the SAE's reconstruction, and left alone.
+  site replaced by zeros, by the SAE's reconstruction, and left alone (scored on the answer tokens
+  when the data has prompt/answer pairs, else on every real token).
 
 Folder format (SAELens): ``cfg.json`` + ``sae_weights.safetensors`` with ``W_enc [d_in, d_sae]``,
 ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``. Both the current config layout
@@ -60,7 +61,7 @@ class SAEConfig:
     d_sae: int
     architecture: str = "topk"
     k: int = 16
-    l1_coefficient: float = 1e-3
+    l1_coefficient: float = 1.0
     hook_name: str = ""
     hook_layer: int = -1
     model_name: str = ""
@@ -101,7 +102,7 @@ class SAEConfig:
         ours = cfg.get("surgery") or {}
         return cls(
             d_in=cfg["d_in"], d_sae=cfg["d_sae"], architecture=architecture, k=int(k or 1),
-            l1_coefficient=float(ours.get("l1_coefficient", 1e-3)),
+            l1_coefficient=float(ours.get("l1_coefficient", 1.0)),
             hook_name=str(meta.get("hook_name", cfg.get("hook_name", "")) or ""),
             hook_layer=_int_or(meta.get("hook_layer", cfg.get("hook_layer")), -1),
             model_name=str(meta.get("model_name", cfg.get("model_name", "")) or ""),
@@ -421,8 +422,13 @@ def _splice(sae: SparseAutoencoder | None, mask_bt: torch.Tensor) -> Callable[[t
 
 
 def _next_token_nll(logits_btv: torch.Tensor, batch: dict) -> tuple[float, int]:
+    """Summed next-token NLL and the count of scored tokens: the answer tokens when the batch
+    marks them (prompt/answer data), else every real token."""
     ids_bt = batch["input_ids"].to(logits_btv.device)
-    keep_bt = batch["attention_mask"].to(logits_btv.device)[:, 1:].bool()
+    keep_bt = batch["attention_mask"].bool()
+    if batch.get("answer_mask") is not None:
+        keep_bt = keep_bt & batch["answer_mask"].bool()
+    keep_bt = keep_bt[:, 1:].to(logits_btv.device)
     nll_bt = F.cross_entropy(logits_btv[:, :-1].float().transpose(1, 2), ids_bt[:, 1:], reduction="none")
     return float(nll_bt[keep_bt].sum()), int(keep_bt.sum())
 

@@ -26,7 +26,7 @@ import torch
 from surgery.data import batches as make_batches, split_preference
 from surgery.io import read_json, read_tensors, write_json, write_tensors
 from surgery.preference import (
-    DEFAULT_BETA, dpo_loss, fpo_loss, kl_per_position, sequence_logps, simpo_loss, tdpo_loss,
+    DEFAULT_BETA, dpo_loss, fpo_loss, kl_per_position, sequence_logps, shifted_mask, simpo_loss, tdpo_loss,
 )
 
 Progress = Callable[..., Iterable]  # (iterable, desc, total) -> iterable, e.g. ctx.progress
@@ -291,12 +291,13 @@ def train(policy: torch.nn.Module, reference: torch.nn.Module, examples: list[di
 
 @torch.no_grad()
 def mean_token_kl(policy: torch.nn.Module, reference: torch.nn.Module, batches: Iterable[dict]) -> float:
-    """Mean over real predicting positions of ``KL(p_ref || p_policy)``: how far the policy drifted."""
+    """Mean of ``KL(p_ref || p_policy)`` over the positions that predict response tokens (every real
+    token when the batches have no answer mask): how far the policy drifted from the reference."""
     total, count = 0.0, 0
     for batch in batches:
         policy_logits, _ = Forward(policy, None)(batch)
         reference_logits, _ = Forward(reference, None)(batch)
-        keep_bt = batch["attention_mask"].bool()[:, 1:].to(policy_logits.device)
+        keep_bt = shifted_mask(batch["input_ids"], batch["attention_mask"], batch.get("answer_mask")).to(policy_logits.device)
         kl_bt = kl_per_position(policy_logits[:, :-1], reference_logits[:, :-1].to(policy_logits.device))
         total += float(kl_bt[keep_bt].sum())
         count += int(keep_bt.sum())

@@ -270,6 +270,9 @@ def run_tune(ctx) -> Artifact:
         "pref_accuracy_after": tuning.preference_accuracy(policy, examples, tokenizer, settings),
         "drift_kl": tuning.mean_token_kl(policy, reference, _drift_batches(ctx, o, examples, tokenizer, settings)),
     }
+    feature_drift = _feature_drift(ctx, o, reference_name, policy, examples, tokenizer, settings)
+    if feature_drift is not None:
+        figures["drift_fpo"] = feature_drift
     ctx.save_model(policy, like=policy_name)
     store.clear()
     tensors = {key: torch.tensor(values, dtype=torch.float32) for key, values in history.items() if values}
@@ -312,6 +315,29 @@ def _drift_batches(ctx, o: PreferenceOptions, examples: list[dict], tokenizer: A
     return list(batches(list(tuning.chosen_texts(examples)), tokenizer, settings.batch_size, settings.max_tokens))
 
 
+@torch.no_grad()
+def _feature_drift(ctx, o: PreferenceOptions, reference_name: str, policy, examples, tokenizer, settings) -> float | None:
+    """Mean FPO constraint of the chosen responses, whatever the loss, when an SAE is at hand."""
+    from surgery.data import batches, split_preference
+
+    if o.sae is None and not _has_upstream_sae(ctx):
+        return None
+    constraint = ctx.call("constrain", "fpo", {"reference": reference_name, "sae": o.sae, "k": o.k})
+    total, count = 0.0, 0
+    for batch in batches(examples, tokenizer, settings.batch_size, settings.max_tokens):
+        chosen, _ = split_preference(batch)
+        total += float(constraint.penalty(policy, chosen).sum())
+        count += chosen["input_ids"].shape[0]
+    return total / max(count, 1)
+
+
+def _has_upstream_sae(ctx) -> bool:
+    try:
+        return ctx.upstream("capture").meta.get("kind") == "sae"
+    except Exception:
+        return False
+
+
 def _resume_key(ctx) -> str:
     """What a checkpoint must match to be resumed: options, model identities, data, seed."""
     record = {
@@ -325,7 +351,8 @@ def _resume_key(ctx) -> str:
 # --- the zoo's synthetic preference pairs -----------------------------------------------------
 
 def load_zoo_preference(spec, seed: int) -> list[dict]:
-    """Pairs ``{prompt, chosen, rejected}``: the zoo answer against a near miss of it."""
+    """Pairs ``{prompt, chosen, rejected}``: the zoo answer against a near miss of it (responses
+start with a space, the separator the zoo's whitespace tokenizer needs after the prompt)."""
     from surgery.zoo.tasks import make_examples, resolve_tasks
 
     if spec.path is not None:
@@ -338,7 +365,8 @@ def load_zoo_preference(spec, seed: int) -> list[dict]:
     pairs = []
     for example in make_examples(list(tasks), options["samples"], seed=seed, split=options["split"]):
         rejected = near_miss(example["answer"], example["task"], rng)
-        pairs.append({"prompt": example["prompt"], "chosen": example["answer"], "rejected": rejected,
+        # responses start with the separator, so prompt + response is the text the zoo trains on
+        pairs.append({"prompt": example["prompt"], "chosen": " " + example["answer"], "rejected": " " + rejected,
                       "task": example["task"], "text": f"{example['prompt']} {example['answer']}"})
     return pairs
 

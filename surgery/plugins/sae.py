@@ -1,7 +1,8 @@
 """Sparse autoencoders as a recipe step (``capture: {plugin: sae}``) and the ``surgery sae`` commands.
 
 The step trains a TopK or ReLU+L1 SAE (:mod:`surgery.sae`) on the residual stream after block
-``layer`` of the step's first model, streamed over the step's data, evaluates it (explained
+``layer`` of the step's first model, streamed over the step's data (preference data: the prompt
+and chosen response), evaluates it (explained
 variance, L0, dead features, CE-loss recovered) and writes it in SAELens' folder format under
 ``<step>/sae/``. The artifact carries the same weights (``"<model>/<layer>/W_enc"`` ...) and the
 ``cfg.json`` content in ``meta["cfg"]``, so later steps (``constrain: {plugin: fpo}``,
@@ -39,7 +40,7 @@ class SAEOptions(Options):
     architecture: Literal["topk", "standard"] = Field("topk", description="topk (TopK activation) or standard (ReLU + L1)")
     expansion: int = Field(8, ge=1, description="features per residual dimension (d_sae = expansion * d_in)")
     k: int = Field(16, ge=1, description="topk: active features per token")
-    l1_coefficient: float = Field(1e-3, ge=0, description="standard: weight of the L1 penalty on the features")
+    l1_coefficient: float = Field(1.0, ge=0, description="standard: weight of the L1 penalty (scale with the residual's norm)")
     epochs: int = Field(8, ge=1, description="passes over the data")
     lr: float = Field(2e-3, gt=0, description="Adam learning rate")
     minibatch_tokens: int = Field(256, ge=1, description="tokens per optimiser step")
@@ -72,6 +73,15 @@ def train_for_model(model: torch.nn.Module, model_name: str, options: SAEOptions
     return sae, figures
 
 
+def sequences(batch: dict) -> dict:
+    """A batch of plain sequences: the chosen side of a preference batch, else the batch itself."""
+    if "chosen_input_ids" in batch:
+        from surgery.data import split_preference
+
+        return split_preference(batch)[0]
+    return batch
+
+
 def sae_from_artifact(artifact: Artifact, where: str = "") -> SparseAutoencoder:
     """The SAE a ``capture: {plugin: sae}`` step produced."""
     if artifact.meta.get("kind") != "sae":
@@ -98,7 +108,7 @@ class SAEPlugin:
         eval_data = o.eval_data or ctx.step.data
 
         def batches_of(data: str | None) -> Callable[[], Iterable[dict]]:
-            return lambda: ctx.batches(loaded.tokenizer, data=data)
+            return lambda: (sequences(batch) for batch in ctx.batches(loaded.tokenizer, data=data))
 
         sae, figures = train_for_model(loaded.module, name, o, ctx.seed, batches_of(ctx.step.data), batches_of(eval_data), ctx.progress)
         folder = save_sae(sae, ctx.out_dir / SAE_FOLDER)
@@ -165,7 +175,7 @@ def sae_group() -> None:
 @click.option("--architecture", type=click.Choice(["topk", "standard"]), default="topk", show_default=True)
 @click.option("--expansion", default=8, show_default=True, help="d_sae / d_in.")
 @click.option("--k", default=16, show_default=True, help="TopK: active features per token.")
-@click.option("--l1-coefficient", default=1e-3, show_default=True, help="Standard SAE: L1 weight.")
+@click.option("--l1-coefficient", default=1.0, show_default=True, help="Standard SAE: L1 weight.")
 @click.option("--epochs", default=8, show_default=True)
 @click.option("--lr", default=2e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
