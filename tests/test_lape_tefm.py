@@ -351,7 +351,8 @@ def test_lambda_search_picks_the_grid_point_with_the_least_drift(zoo_like, tmp_p
     assert len(table) == 9 and all(math.isfinite(row[2]) for row in table)
     best = min(table, key=lambda row: row[2])
     assert [meta["figures"]["lambda_proj"], meta["figures"]["lambda_ortho"]] == best[:2]
-    run(zoo_like, tmp_path / "var", pipeline({"grid": [0.5, 1.0], "search_paths": 2, "search_inputs": 3}, parent=None))
+    run(zoo_like, tmp_path / "var", pipeline({"grid": [0.5, 1.0], "search_paths": 2, "search_inputs": 3,
+                                              "pair_neurons": "align"}, parent=None))
     var_meta = json.loads((tmp_path / "var" / "04-fuse-lape-tefm" / "meta.json").read_text())
     assert var_meta["meta"]["search"] == "var-g" and len(var_meta["meta"]["criterion"]) == 4
 

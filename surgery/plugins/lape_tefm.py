@@ -83,6 +83,7 @@ class FuseOptions(Options):
     grid: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], min_length=1, description="values tried for each lambda")
     search_paths: int = Field(4, ge=1, description="var-g: LAPE paths per probe input for each candidate")
     search_inputs: int | None = Field(16, ge=1, description="probe inputs used by the search (default 16; null: all)")
+    pair_neurons: Literal["index", "align"] = Field("index", description="without a parent, W_C,j is the base neuron with the same index j ('index') or the one the align step matched to j ('align')")
     blend: float = Field(0.5, description="tensors outside the MLP neurons: W_A + blend (W_B - W_C)")
     keep: list[TensorClass] = Field(default_factory=list, description="tensor classes kept from the base model")
     flat_step: bool = Field(False, description="end with W - eta g/(|g| + eps), g the probe loss gradient")
@@ -448,7 +449,8 @@ def _layer_update(layer, key, module, params, captured, scored, clusters, aligne
         ensemble_map = torch.arange(k_a)
     else:
         raise SurgeryError(f"layer {key}: base has {k_a} ensembles, donor {k_b}; add an align step")
-    perm = aligned.tensors[perm_key] if aligned is not None and perm_key in aligned.tensors else torch.arange(size)
+    use_perm = opts.pair_neurons == "align" and aligned is not None and perm_key in aligned.tensors
+    perm = aligned.tensors[perm_key] if use_perm else torch.arange(size)
     return layer_update(
         layer, neuron_slices(module, layer.mlp), params[0], params[1], params[2],
         phi_a_i3=captured.tensors[f"{base_name}/{key}/phi"].double(), phi_b_j3=captured.tensors[f"{donor_name}/{key}/phi"].double(),
