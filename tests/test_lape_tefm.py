@@ -18,8 +18,8 @@ from surgery.plugins.lape import (
     top_p_pick, unit_write_directions,
 )
 from surgery.plugins.lape_tefm import (
-    interference_mask, neuron_features, neuron_matrix, set_neuron_matrix_, spectral_clustering,
-    split_task_vector, tefm_terms, tos_matrix, flatness_factor,
+    FuseOptions, flatness_factor, interference_mask, layer_update, neuron_features, neuron_matrix,
+    set_neuron_matrix_, spectral_clustering, split_task_vector, tefm_terms, tos_matrix,
 )
 from surgery.permute import match
 
@@ -264,6 +264,29 @@ def test_neuron_matrix_round_trips_and_follows_neuron_permutations():
     set_neuron_matrix_(params, slices, size, matrix[perm])
     for name, value in shuffled.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("with_parent", [False, True])
+def test_singleton_ensembles_without_mask_or_gradient_term_reduce_to_a_closed_form_merge(with_parent):
+    """beta = 0 gives M = 1/2 everywhere; with one neuron per ensemble, sigma = 0, lambda_proj = 1 and
+    lambda_ortho = 1/2: W* = W_A + P/2 + (tau - P)/2 = W_A + (W_B - W_C)/2 for every neuron."""
+    base, donor, parent = tiny(), tiny(noise=0.02, noise_seed=5), tiny(noise=0.02, noise_seed=6)
+    layer = view(base).layers[1]
+    size = layer.mlp.intermediate_size
+    slices = neuron_slices(base, layer.mlp)
+    params = [dict(m.named_parameters()) for m in (base, donor, parent)]
+    generator = torch.Generator().manual_seed(0)
+    phi = torch.randn(2, size, 3, generator=generator, dtype=torch.float64)
+    hess = phi[..., 2].abs() + 1
+    singletons = torch.arange(size)
+    update = layer_update(layer, slices, params[0], params[1], params[2] if with_parent else None,
+                          phi_a_i3=phi[0], phi_b_j3=phi[1], hess_a_i=hess[0], hess_b_j=hess[1], grad_b_j=phi[1, :, 1],
+                          labels_a=singletons, labels_b=singletons, ensemble_map=singletons, perm=singletons,
+                          opts=FuseOptions(beta=0.0, sigma=0.0))
+    w_a, w_b, w_c = (neuron_matrix(p, slices, size) for p in params)
+    expected = w_a + (w_b - (w_c if with_parent else w_a)) / 2
+    assert torch.allclose(update.mask_k, torch.full((size,), 0.5, dtype=torch.float64))
+    assert torch.allclose(update.base_if + update.proj_if + 0.5 * update.ortho_if, expected, atol=1e-12)
 
 
 # --- the recipe --------------------------------------------------------------------------------
