@@ -143,11 +143,25 @@ def step_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / META_FILE).is_file())
 
 
+def step_names(run_dir: Path) -> dict[str, str]:
+    """Step directory name -> the step's recipe name, from the run's report.json (if any)."""
+    report_file = Path(run_dir) / "report.json"
+    if not report_file.is_file():
+        return {}
+    return {s["dir"]: s["name"] for s in read_json(report_file).get("steps", []) if "dir" in s and "name" in s}
+
+
+def _matches(directory: Path, step: str | None, names: dict[str, str]) -> bool:
+    return step is None or step == names.get(directory.name) or step in directory.name
+
+
 def attribution_steps(run_dir: Path, step: str | None = None) -> list[AttributionStep]:
-    """The attribution steps (artifacts with ``scores``) of a run directory, optionally one by name."""
+    """The attribution steps (artifacts with ``scores``) of a run directory, optionally one by step
+    name or by a part of its directory name."""
     found = []
+    names = step_names(run_dir)
     for directory in step_dirs(run_dir):
-        if step is not None and step not in directory.name:
+        if not _matches(directory, step, names):
             continue
         artifact = Artifact.load(directory)
         if "scores" in artifact.tensors and "units_per_layer" in artifact.meta:
@@ -255,7 +269,7 @@ def register_commands(cli: Any) -> None:
 
     @cli.command("report")
     @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-    @click.option("--step", default=None, help="Only steps whose directory name contains this.")
+    @click.option("--step", default=None, help="Only the step of this name (or whose directory name contains this).")
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     def report_command(run_dir: str, step: str | None, as_json: bool) -> None:
         """Sign statistics, completeness, per-sample similarity and prune results of RUN_DIR."""
@@ -265,8 +279,8 @@ def register_commands(cli: Any) -> None:
     @cli.command("compare")
     @click.argument("run_a", type=click.Path(exists=True, file_okay=False))
     @click.argument("run_b", type=click.Path(exists=True, file_okay=False))
-    @click.option("--step-a", default=None, help="Attribution step of RUN_A (default: the last).")
-    @click.option("--step-b", default=None, help="Attribution step of RUN_B (default: the last).")
+    @click.option("--step-a", default=None, help="Attribution step of RUN_A by name or directory (default: the last).")
+    @click.option("--step-b", default=None, help="Attribution step of RUN_B by name or directory (default: the last).")
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     def compare_command(run_a: str, run_b: str, step_a: str | None, step_b: str | None, as_json: bool) -> None:
         """Pearson, cosine and statistics side by side of two attribution runs."""

@@ -16,6 +16,7 @@ rows of a GPT-2 Conv1D); the bias, shared by all units, is untouched.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -60,9 +61,13 @@ def neuron_sites(view: Any) -> list[GateSite]:
     return [GateSite(layer.mlp.down, layer.mlp.intermediate_size, 1) for layer in view.layers]
 
 
-def model_inputs(batch: dict) -> dict:
-    """The keys of ``batch`` that the model's forward takes."""
-    return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+def model_inputs(batch: dict, model: torch.nn.Module | None = None) -> dict:
+    """The keys of ``batch`` that the model's forward takes (and ``use_cache=False`` where it has one:
+    nothing here generates, and a key/value cache costs memory in every layer)."""
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+    if model is not None and "use_cache" in inspect.signature(model.forward).parameters:
+        inputs["use_cache"] = False
+    return inputs
 
 
 def repeat_rows(batch: dict, times: int) -> dict:
@@ -114,7 +119,7 @@ def _run(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict,
     nm = _wrapped(model)
     order = _module_order(model)
     gated = sorted((order[site.path], i) for i, (site, gate) in enumerate(zip(sites, gates)) if gate is not None)
-    with nm.trace(**model_inputs(batch)):
+    with nm.trace(**model_inputs(batch, model)):
         for _, i in gated:  # nnsight serves module inputs in execution order
             site, gate, envoy = sites[i], gates[i], envoy_at(nm, sites[i].path)
             x_rtd = envoy.input

@@ -276,3 +276,27 @@ def test_sign_aware_refuses_unsigned_scores(workspace):
             {"attribute": {"plugin": "grad-x-act"}},
             {"prune": {"plugin": "sign-aware", "fraction": 0.25}},
         ])
+
+
+def test_zoo_gqa_compact_prune_reloads_with_the_gated_logits(tmp_path):
+    data = {"probe": {"source": "synthetic", "tasks": ["copy", "reverse"], "n": 8, "seed": 0, "batch_size": 8}}
+    steps = [{"attribute": {"plugin": "ig", "steps": 4, "answer_only": True}},
+             {"prune": {"plugin": "magnitude", "fraction": 0.5, "output": "compact", "curve": [0.5]}},
+             {"prune": {"plugin": "magnitude", "fraction": 0.5, "output": "masked", "curve": [], "models": ["base"]}}]
+    recipe = tmp_path / "zoo.yaml"
+    recipe.write_text(json.dumps({"name": "zoo", "models": {"base": "builtin:tiny-llama-gqa/base"}, "data": data, "steps": steps}))
+    parsed = load_recipe(recipe, get_manager(), [], str(tmp_path / "run"))
+    run_recipe(parsed, get_manager(), quiet=True)
+    compact, masked = Artifact.load(parsed.output / "01-prune-magnitude"), Artifact.load(parsed.output / "02-prune-magnitude")
+    base = load_model("base", parsed.models["base"])
+    units = _units(base.module)
+    batch = make_batch("llama-gqa")
+    batch["input_ids"] = batch["input_ids"] % base.module.config.vocab_size
+    for artifact in (compact, masked):
+        mask = artifact.tensors["head_mask"].bool()
+        kv_groups = mask.view(2, 2, 2).sum(-1)  # [layer, group]: pruned heads per KV group
+        if artifact is compact:
+            assert (kv_groups[:, 0] == kv_groups[:, 1]).all()
+        reloaded = AutoModelForCausalLM.from_pretrained(artifact.model_dir).eval()
+        torch.testing.assert_close(_logits(reloaded, batch), _gated_logits(base.module, [units], [mask], batch),
+                                   rtol=0, atol=1e-5)

@@ -79,7 +79,7 @@ class GradXAct:
         opts = ctx.options
         loaded, sites, objective = _setup(ctx)
         parts = [gate_gradient_at_one(loaded.module, sites, batch, loss_function(objective))
-                 for batch in ctx.progress(prepared_batches(ctx, loaded, objective), desc="grad-x-act")]
+                 for batch in ctx.progress(prepared_batches(ctx, loaded, objective, opts.answer_only), desc="grad-x-act")]
         attribution = _concat(ctx, parts)
         if opts.absolute:
             attribution.per_sample = attribution.per_sample.abs()
@@ -129,7 +129,7 @@ class Ablation:
         opts = ctx.options
         loaded, sites, objective = _setup(ctx)
         parts = []
-        for batch in ctx.progress(prepared_batches(ctx, loaded, objective), desc="ablation"):
+        for batch in ctx.progress(prepared_batches(ctx, loaded, objective, opts.answer_only), desc="ablation"):
             chunk = points_per_chunk(opts.memory_mb, loaded.module, batch) * 3  # no backward: ~3x the rows
             parts.append(ablation(loaded.module, sites, batch, loss_function(objective), opts.value, chunk))
         return attribution_artifact(ctx, _concat(ctx, parts), sites, "ablation", None, {"value": opts.value})
@@ -200,7 +200,7 @@ class Shapley:
         loaded, sites, objective = _setup(ctx)
         generator = torch.Generator().manual_seed(ctx.seed)
         parts = []
-        for batch in ctx.progress(prepared_batches(ctx, loaded, objective), desc="shapley"):
+        for batch in ctx.progress(prepared_batches(ctx, loaded, objective, opts.answer_only), desc="shapley"):
             chunk = points_per_chunk(opts.memory_mb, loaded.module, batch) * 3
             parts.append(shapley(loaded.module, sites, batch, loss_function(objective), opts.permutations,
                                  generator, opts.scope, opts.value, chunk, opts.antithetic))

@@ -30,6 +30,7 @@ from surgery.artifacts import Artifact
 from surgery.diagnostics import save_heatmap, sign_stats
 from surgery.errors import DataError, SurgeryError
 from surgery.gates import GateSite, LossFn, evaluate_points, head_sites, neuron_sites, rows_per_chunk
+from surgery.objectives import IGNORE_INDEX
 from surgery.options import Options
 
 QUADRATURES = ("riemann-left", "riemann-right", "riemann-middle", "trapezoid", "gauss-legendre")
@@ -103,21 +104,18 @@ class Attribution:
 def ig_per_layer(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict, loss_fn: LossFn,
                  base: Sequence[torch.Tensor], t_k: torch.Tensor, w_k: torch.Tensor,
                  points_per_chunk: int) -> Attribution:
-    """Per-layer IG of one batch; points are (layer, node) pairs, layer-major, batched in chunks."""
-    n_sites, steps = len(sites), len(t_k)
-    points = n_sites * steps
-    gates_p = [torch.ones(points, s.units, dtype=torch.float64) for s in sites]
-    grad_sites = torch.zeros(points, n_sites, dtype=torch.bool)
-    for l in range(n_sites):
-        rows = slice(l * steps, (l + 1) * steps)
-        gates_p[l][rows] = base[l] + t_k[:, None] * (1 - base[l])
-        grad_sites[rows, l] = True
+    """Per-layer IG of one batch. Each layer's nodes are batched in chunks of their own, so a chunk
+    gates one layer and its backward pass stops at that layer."""
     acc = _zeros(sites, batch)
-    for chunk in evaluate_points(model, sites, batch, _cast(gates_p), loss_fn, points_per_chunk, grad_sites):
-        for p in range(chunk.start, chunk.stop):
-            l, k = divmod(p, steps)
-            grad_bu = chunk.grads_nbu[l][p - chunk.start].double()
-            acc[:, l, : sites[l].units] += w_k[k] * (1 - base[l]) * grad_bu
+    for l, site in enumerate(sites):
+        gates_p = [torch.ones(len(t_k), s.units, dtype=torch.float64) for s in sites]
+        gates_p[l] = base[l] + t_k[:, None] * (1 - base[l])
+        grad_sites = torch.zeros(len(t_k), len(sites), dtype=torch.bool)
+        grad_sites[:, l] = True
+        for chunk in evaluate_points(model, sites, batch, _cast(gates_p), loss_fn, points_per_chunk, grad_sites):
+            grads_nbu = chunk.grads_nbu[l].double()
+            weights_n = w_k[chunk.start:chunk.stop, None, None]
+            acc[:, l, : site.units] += (weights_n * grads_nbu).sum(0) * (1 - base[l])
     loss_full, loss_base = _endpoint_losses(model, sites, batch, loss_fn, base, points_per_chunk, per_layer=True)
     return Attribution(acc, loss_full, loss_base)
 
@@ -133,10 +131,9 @@ def ig_joint(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict, los
     grad_sites = torch.ones(len(t_k), len(sites), dtype=torch.bool)
     acc = _zeros(sites, batch)
     for chunk in evaluate_points(model, sites, batch, _cast(gates_p), loss_fn, points_per_chunk, grad_sites):
-        for k in range(chunk.start, chunk.stop):
-            for l, site in enumerate(sites):
-                grad_bu = chunk.grads_nbu[l][k - chunk.start].double()
-                acc[:, l, : site.units] += w_k[k] * ds_kl[k, l] * (1 - base[l]) * grad_bu
+        for l, site in enumerate(sites):
+            weights_n = (w_k * ds_kl[:, l])[chunk.start:chunk.stop, None, None]
+            acc[:, l, : site.units] += (weights_n * chunk.grads_nbu[l].double()).sum(0) * (1 - base[l])
     loss_full, loss_base = _endpoint_losses(model, sites, batch, loss_fn, base, points_per_chunk, per_layer=False)
     return Attribution(acc, loss_full, loss_base)
 
@@ -187,6 +184,7 @@ class AttributeOptions(Options):
     target: Literal["heads", "neurons"] = Field("heads", description="attention heads (output-projection input) or MLP neurons")
     keep_per_sample: bool = Field(False, description="also save per-sample attributions [samples, layers, units]")
     memory_mb: float = Field(1024.0, gt=0, description="memory budget of one batched forward/backward (sets points per trace)")
+    answer_only: bool = Field(False, description="count only answer tokens of prompt/answer data in the objective")
 
     @field_validator("objective")
     @classmethod
@@ -223,14 +221,20 @@ def sites_for(loaded, target: str) -> list[GateSite]:
     return head_sites(loaded.view) if target == "heads" else neuron_sites(loaded.view)
 
 
-def prepared_batches(ctx, loaded, objective) -> Iterator[dict]:
-    """The step's data as objective-prepared batches on the model's device (random masks seeded)."""
+def prepared_batches(ctx, loaded, objective, answer_only: bool = False) -> Iterator[dict]:
+    """The step's data as objective-prepared batches on the model's device (random masks seeded).
+
+    With ``answer_only`` the objective counts only the answer tokens of prompt/answer examples
+    (``labels`` set to -100 elsewhere before ``prepare``; masking objectives then mask only answers).
+    """
     generator = torch.Generator().manual_seed(ctx.seed)
     tokenizer = loaded.tokenizer
     device = input_device(loaded.module)
     for batch in ctx.batches(tokenizer):
         if tokenizer is not None and getattr(tokenizer, "mask_token_id", None) is not None:
             batch.setdefault("mask_token_id", tokenizer.mask_token_id)
+        if answer_only and "answer_mask" in batch:
+            batch["labels"] = batch["labels"].masked_fill(batch["answer_mask"] == 0, IGNORE_INDEX)
         batch = objective.prepare(batch, generator)
         yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -304,7 +308,7 @@ class IG:
         base = baseline_values(opts.baseline, sites, opts.value, seed)
         t_k, w_k = quadrature(opts.quadrature, opts.steps)
         parts = []
-        for batch in ctx.progress(prepared_batches(ctx, loaded, objective), desc=f"ig {opts.mode}"):
+        for batch in ctx.progress(prepared_batches(ctx, loaded, objective, opts.answer_only), desc=f"ig {opts.mode}"):
             chunk = points_per_chunk(opts.memory_mb, loaded.module, batch)
             args = (loaded.module, sites, batch, loss_function(objective), base, t_k, w_k, chunk)
             parts.append(ig_per_layer(*args) if opts.mode == "per-layer" else ig_joint(*args, schedule=opts.schedule))

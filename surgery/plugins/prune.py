@@ -41,7 +41,7 @@ from surgery.adapters import ModelView, module_at, neuron_slices, out_proj_head_
 from surgery.artifacts import Artifact
 from surgery.diagnostics import save_curve
 from surgery.errors import RecipeError, SurgeryError
-from surgery.gates import GateSite, evaluate_points
+from surgery.gates import GateSite, evaluate_points, model_inputs
 from surgery.options import Options
 from surgery.plugins.ig import loss_function, points_per_chunk, prepared_batches, sites_for
 from surgery.pruned import compact_model, pruned_view
@@ -154,12 +154,12 @@ def compactable(units: Units, mask: Mask, ranks: torch.Tensor) -> Mask:
 class Evaluator:
     """The objective of the step's data under gate masks (batched: one point per mask)."""
 
-    def __init__(self, ctx, loaded, units: Units, objective_name: str, memory_mb: float) -> None:
+    def __init__(self, ctx, loaded, units: Units, objective_name: str, memory_mb: float, answer_only: bool = False) -> None:
         self.model = loaded.module
         self.units = units
         self.objective = ctx.objective(objective_name)
         self.loss_fn = loss_function(self.objective)
-        self.batches = list(prepared_batches(ctx, loaded, self.objective))
+        self.batches = list(prepared_batches(ctx, loaded, self.objective, answer_only))
         if not self.batches:
             raise SurgeryError(f"{ctx.where}: the data has no examples")
         self.memory_mb = memory_mb
@@ -181,8 +181,7 @@ class Evaluator:
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in self.batches:
-                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values") if k in batch}
-                total += float(self.loss_fn(module(**inputs).logits, batch).double().sum())
+                total += float(self.loss_fn(module(**model_inputs(batch, module)).logits, batch).double().sum())
                 count += batch["input_ids"].shape[0]
         return total / count
 
@@ -266,6 +265,7 @@ class PruneOptions(Options):
                                description="prune amounts evaluated for the prune curve")
     save_model: bool = Field(True, description="save the pruned model (false: report only)")
     memory_mb: float = Field(1024.0, gt=0, description="memory budget of one batched evaluation")
+    answer_only: bool = Field(False, description="count only answer tokens of prompt/answer data in the objective")
 
     @field_validator("curve")
     @classmethod
@@ -339,7 +339,7 @@ class _Prune:
         loaded = ctx.model(ctx.models[0])
         units = Units(sites_for(loaded, opts.target), loaded.view, opts.target)
         scores = read_scores(ctx, units, self.needs_sign) if self.needs_scores else None
-        evaluator = Evaluator(ctx, loaded, units, opts.objective, opts.memory_mb)
+        evaluator = Evaluator(ctx, loaded, units, opts.objective, opts.memory_mb, opts.answer_only)
         mask, curve, extra = self.plan(ctx, units, scores, evaluator)
         return finish(ctx, loaded, units, mask, curve, evaluator, self.name, extra)
 
@@ -435,7 +435,8 @@ class Iterative(_Prune):
         opts = ctx.options
         attribute = dict(opts.attribute)
         plugin = attribute.pop("plugin")
-        attribute.setdefault("target", opts.target)
+        for key in ("target", "objective", "answer_only"):
+            attribute.setdefault(key, getattr(opts, key))
         if opts.order == "sign-aware" and plugin == "grad-x-act" and attribute.get("absolute", True):
             raise RecipeError(f"{ctx.where}.attribute: sign-aware needs signed scores; grad-x-act gives |dL/dgate|")
         loaded = ctx.model(ctx.models[0])
