@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -446,11 +447,19 @@ def site_activations(site: Site, batches: Callable[[], Iterable[dict]]) -> Calla
 
 
 def check_site(sae: SparseAutoencoder, model: nn.Module, where: str = "") -> str:
-    """The SAE's site path in ``model``; an error when the site or its width does not fit."""
-    from surgery.adapters import module_at
+    """The SAE's site path in ``model``; an error when the site or its width does not fit.
 
-    path = sae.cfg.hook_name or site_path(model, sae.cfg.hook_layer)
-    module_at(model, path)
+    ``hook_name`` is a module path of the model (the block whose output is read), or a
+    TransformerLens residual hook ``blocks.<l>.hook_resid_post`` (the same site, block l).
+    """
+    hook = sae.cfg.hook_name
+    resid_post = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
+    if not hook or resid_post:
+        path = site_path(model, int(resid_post.group(1)) if resid_post else sae.cfg.hook_layer)
+    elif hook in dict(model.named_modules()):
+        path = hook
+    else:
+        raise SAEError(f"the SAE reads {hook!r}, which is neither a module of the model nor blocks.<l>.hook_resid_post", where=where or None)
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None)
     if hidden is None:
         hidden = getattr(getattr(model.config, "text_config", None), "hidden_size", None)

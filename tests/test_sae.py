@@ -230,3 +230,18 @@ def test_train_command_writes_a_loadable_saelens_folder(tmp_path, surgery_cli):
     assert "explained_variance" in result.out
     loaded = load_sae(tmp_path / "sae")
     assert loaded.cfg.hook_name == "model.layers.0" and loaded.cfg.d_sae == 64 and loaded.cfg.k == 4
+
+
+def test_sae_sites_resolve_module_paths_and_transformerlens_resid_hooks(model):
+    from surgery.sae import check_site
+
+    def with_hook(name: str, layer: int = -1) -> SparseAutoencoder:
+        return SparseAutoencoder(SAEConfig(d_in=model.config.hidden_size, d_sae=8, hook_name=name, hook_layer=layer))
+
+    assert check_site(with_hook("model.layers.0"), model) == "model.layers.0"
+    assert check_site(with_hook("blocks.1.hook_resid_post"), model) == "model.layers.1"
+    assert check_site(with_hook("", layer=-1), model) == "model.layers.1"
+    with pytest.raises(SAEError, match="hook_mlp_out"):
+        check_site(with_hook("blocks.0.hook_mlp_out"), model)
+    with pytest.raises(SAEError, match="dim"):
+        check_site(SparseAutoencoder(SAEConfig(d_in=7, d_sae=8, hook_name="model.layers.0")), model)
