@@ -63,8 +63,8 @@ class ClusterOptions(Options):
 
 class FuseOptions(Options):
     blend: float = Field(0.5, ge=0, le=1, description="donor share of tensors that are not MLP neurons")
-    blend_by_class: dict[TensorClass, float] = Field(default_factory=dict, description="blend per tensor class (overrides blend)")
-    keep: list[TensorClass] = Field(default_factory=list, description="tensor classes kept from the base model")
+    blend_by_class: dict[TensorClass, float] = Field({}, description="blend per tensor class (overrides blend)")
+    keep: list[TensorClass] = Field([], description="tensor classes kept from the base model")
     score_power: float = Field(1.0, ge=0, description="neurons are weighted by FAI**score_power (1: DESIGN; 0: plain mean)")
     map: str | dict | None = Field(None, description=MAP_HELP)
     max_shard_mb: float | None = Field(256.0, gt=0, description="cap on each output safetensors shard (MiB)")

@@ -1,0 +1,226 @@
+"""The merge table: per-task accuracy and probe loss of every merge method on one pair of fine-tunes.
+
+Runs each method's recipe (``recipes/<method>.yaml``) as written, except that its evaluate steps are
+replaced by the same two for every row (``tasks`` accuracy on ``--examples`` held-out examples per
+task, and ``probe-loss``: token-weighted answer NLL), so rows differ only in how they merge. Rows are
+methods; the two fine-tunes (and their parent) are evaluated the same way for reference.
+
+Pairs (``--pair``):
+- ``zoo``: the zoo's fixture, ``tiny-llama/task-a`` (reverse) and ``task-b`` (sort), both fine-tuned
+  from ``tiny-llama/base`` (which knows every task) with a small learning rate. The heterogeneous
+  row merges ``tiny-llava/task-a``'s language model with ``tiny-llama/task-b`` (recipes/fam-llava.yaml).
+- ``stress``: the same parent fine-tuned on reverse and on sort with a 10x learning rate (3e-3, 300
+  steps): each fine-tune forgets the other task, so a merge has to reconcile two diverged models.
+  Built here on first use and cached under ``$SURGERY_CACHE/merge-quality/``.
+
+To add a method, append a :class:`Row` to ``ROWS`` naming its recipe, the model its fuse step saves
+(``as:``) and which recipe model plays which role (``task-a``, ``task-b``, ``parent``), e.g.
+``Row("lape-tefm", "lape-tefm.yaml", model="lape_tefm", roles={"base": "task-a", "donor": "task-b"})``.
+
+    python benchmarks/merge_quality.py [--pair zoo|stress|both] [--examples 512] [--output DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+TASK_A, TASK_B = "reverse", "sort"
+OTHER_TASKS = ("copy", "inc")
+DEFAULT_ROLES = {"a": "task-a", "b": "task-b", "base": "parent"}
+ZOO = {"task-a": "builtin:tiny-llama/task-a", "task-b": "builtin:tiny-llama/task-b", "parent": "builtin:tiny-llama/base"}
+STRESS = {"lr": 3e-3, "steps": 300, "batch_size": 64}
+LLAVA_ROLES = {"llama": "task-b", "parent": "parent"}  # the LLaVA itself stays tiny-llava/task-a
+IMAGE_TASKS = ("colour", "shape")
+LLAVA = "builtin:tiny-llava/task-a"
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    recipe: str  # file name under recipes/
+    model: str = "merged"  # the model the recipe's fuse step saves (its `as:` name)
+    roles: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ROLES))
+    tasks: tuple[str, ...] = ()  # extra tasks (image tasks for a LLaVA)
+    pairs: tuple[str, ...] = ("zoo", "stress")
+    baseline: bool = True
+
+
+ROWS = [
+    Row("linear", "linear.yaml"),
+    Row("task-arithmetic", "task-arithmetic.yaml"),
+    Row("ties", "ties.yaml"),
+    Row("dare", "dare.yaml"),
+    Row("fam", "fam.yaml", baseline=False),
+    Row("fam+tlinp", "fam-tlinp.yaml", baseline=False),
+    Row("fam+tlinp llava<-llama", "fam-llava.yaml", roles=LLAVA_ROLES, tasks=IMAGE_TASKS, pairs=("zoo",), baseline=False),
+    Row("linear llava<-llama", "fam-llava.yaml", model="linear", roles=LLAVA_ROLES, tasks=IMAGE_TASKS, pairs=("zoo",)),
+    Row("task-arithmetic llava<-llama", "fam-llava.yaml", model="task_arithmetic", roles=LLAVA_ROLES,
+        tasks=IMAGE_TASKS, pairs=("zoo",)),
+]
+
+
+def evaluation_steps(model: str, tasks: list[str], examples: int) -> list[dict]:
+    return [
+        {"evaluate": {"plugin": "tasks", "models": [model], "tasks": tasks, "n": examples}},
+        {"evaluate": {"plugin": "probe-loss", "models": [model], "data": "bench-heldout"}},
+    ]
+
+
+def heldout(examples: int) -> dict:
+    return {"source": "synthetic", "tasks": [TASK_A, TASK_B, *OTHER_TASKS], "n": examples, "seed": 1, "batch_size": 128}
+
+
+def prepared_recipe(row: Row, fixtures: dict[str, str], examples: int) -> dict:
+    """The row's recipe with the pair's models in their roles and the common evaluation."""
+    raw = yaml.safe_load((RECIPES / row.recipe).read_text(encoding="utf-8"))
+    raw = copy.deepcopy(raw)
+    for key, role in row.roles.items():
+        if key in raw["models"]:
+            raw["models"][key] = fixtures[role]
+    raw["data"]["bench-heldout"] = heldout(examples)
+    steps = [step for step in raw["steps"] if "evaluate" not in step]
+    raw["steps"] = steps + evaluation_steps(row.model, [TASK_A, TASK_B, *OTHER_TASKS, *row.tasks], examples)
+    return raw
+
+
+def run_raw(raw: dict, output: Path) -> dict:
+    from surgery.manager import Manager
+    from surgery.recipe import validate
+    from surgery.runner import run_recipe
+
+    manager = Manager()
+    recipe = validate(raw, manager, base_dir=RECIPES, source=raw.get("name", "recipe"), output=str(output))
+    return run_recipe(recipe, manager, quiet=True)
+
+
+def figures_of(report: dict, model: str) -> dict[str, float]:
+    """Accuracy per task and probe loss per task of ``model`` from a run report."""
+    out = {}
+    for step in report["steps"]:
+        if step["stage"] != "evaluate":
+            continue
+        for key, value in step["figures"].items():
+            name, _, rest = key.partition("/")
+            if name == model:
+                out[rest] = value
+    return out
+
+
+def evaluate_inputs(fixtures: dict[str, str], examples: int, output: Path, llava: str | None = None) -> dict[str, dict]:
+    names = {"parent": "parent", "task-a": "a", "task-b": "b"}
+    raw = {"name": "inputs", "models": {names[k]: v for k, v in fixtures.items()},
+           "data": {"bench-heldout": heldout(examples)}, "steps": []}
+    for model in names.values():
+        raw["steps"] += evaluation_steps(model, [TASK_A, TASK_B, *OTHER_TASKS], examples)
+    if llava:
+        raw["models"]["llava"] = llava
+        raw["steps"] += evaluation_steps("llava", [TASK_A, TASK_B, *OTHER_TASKS, *IMAGE_TASKS], examples)
+        names["llava task-a"] = "llava"
+    report = run_raw(raw, output)
+    return {f"{role} (input)": figures_of(report, model) for role, model in names.items()}
+
+
+def stress_fixtures() -> dict[str, str]:
+    """The parent fine-tuned on each task with a 10x learning rate (built once, then cached)."""
+    from surgery.models import cache_dir
+    from surgery.zoo.build import build, load
+    from surgery.zoo.tasks import accuracy
+    from surgery.zoo.train import single_thread, train
+
+    parent_dir = build("tiny-llama/base")
+    root = cache_dir() / "merge-quality"
+    out = {"parent": str(parent_dir)}
+    for role, task, seed in (("task-a", TASK_A, 11), ("task-b", TASK_B, 12)):
+        key = hashlib.sha256(json.dumps([parent_dir.name, task, seed, STRESS], sort_keys=True).encode()).hexdigest()[:10]
+        target = root / f"{role}-{task}-{key}"
+        if not (target / "config.json").is_file():
+            model, tokenizer = load(parent_dir)
+            with single_thread(seed):
+                train(model, tokenizer, (task,), STRESS["steps"], STRESS["lr"], STRESS["batch_size"], seed, "causal")
+            root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / "accuracy.json").write_text(json.dumps({t: accuracy(model, tokenizer, t) for t in (TASK_A, TASK_B)}))
+            shutil.rmtree(target, ignore_errors=True)
+            staging.replace(target)
+        out[role] = str(target)
+    return out
+
+
+def table(rows: dict[str, dict], columns: list[str]) -> str:
+    head = ["method", *(f"acc {c}" for c in columns), f"acc mean({TASK_A},{TASK_B})",
+            f"loss {TASK_A}", f"loss {TASK_B}", "loss mean"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for name, figs in rows.items():
+        acc = [figs.get(c) for c in columns]
+        losses = [figs.get(f"loss/{TASK_A}"), figs.get(f"loss/{TASK_B}")]
+        cells = [name, *(_fmt(v) for v in acc), _fmt(_mean(figs.get(TASK_A), figs.get(TASK_B))),
+                 *(_fmt(v, 4) for v in losses), _fmt(_mean(*losses), 4)]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def verdict(rows: dict[str, dict]) -> str:
+    scores = {name: _mean(f.get(TASK_A), f.get(TASK_B)) for name, f in rows.items() if "(input)" not in name}
+    methods = {row.name: row for row in ROWS}
+    baselines = {n: s for n, s in scores.items() if n in methods and methods[n].baseline and "llava" not in n}
+    fams = {n: s for n, s in scores.items() if n.startswith("fam") and "llava" not in n}
+    best_base = max(baselines, key=baselines.get)
+    best_fam = max(fams, key=fams.get)
+    gap = fams[best_fam] - baselines[best_base]
+    word = "at or above" if gap >= 0 else "below"
+    return (f"best baseline: {best_base} {baselines[best_base]:.3f}; best FAM: {best_fam} {fams[best_fam]:.3f} "
+            f"({word} it by {abs(gap):.3f} on the mean of {TASK_A} and {TASK_B})")
+
+
+def _mean(*values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def run_pair(pair: str, examples: int, output: Path) -> None:
+    fixtures = dict(ZOO) if pair == "zoo" else stress_fixtures()
+    rows = evaluate_inputs(fixtures, examples, output / pair / "inputs", LLAVA if pair == "zoo" else None)
+    for row in ROWS:
+        if pair not in row.pairs:
+            continue
+        # one directory per recipe: rows of the same recipe reuse its merge steps
+        report = run_raw(prepared_recipe(row, fixtures, examples), output / pair / Path(row.recipe).stem)
+        rows[row.name] = figures_of(report, row.model)
+    columns = [TASK_A, TASK_B, *OTHER_TASKS] + sorted({t for r in ROWS if pair in r.pairs for t in r.tasks})
+    print(f"\n## pair: {pair} ({examples} held-out examples per task)\n")
+    print(table(rows, columns))
+    print("\n" + verdict(rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pair", choices=["zoo", "stress", "both"], default="both")
+    parser.add_argument("--examples", type=int, default=512, help="held-out examples per task")
+    parser.add_argument("--output", type=Path, default=Path(tempfile.gettempdir()) / "merge-quality",
+                        help="run directories (finished steps are reused on a re-run)")
+    args = parser.parse_args()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    for pair in (["zoo", "stress"] if args.pair == "both" else [args.pair]):
+        run_pair(pair, args.examples, args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""TLINP vs the plain mean: how much neuron profiles move with the probe's max-token setting.
+
+Runs recipes/tlinp-length.yaml twice, with TLINP weights (alpha from ``--alpha``) and with uniform
+weights: the same passages captured at max_tokens 16, 32, 64 and 128. For every MLP neuron i and
+profile p (weighted mean activation ``mean a_i``, weighted mean ``|a_i|``) it takes the variance
+across the four lengths, ``Var_T p_i(T)``, and prints side by side, averaged over all neurons:
+
+- ``var``: mean_i Var_T p_i(T) (raw; depends on the profile's scale),
+- ``rel``: mean_i Var_T p_i(T) / Var_i(mean_T p_i(T)) (length variance relative to how much neurons
+  differ from each other; scale-free, so the two weightings compare fairly),
+
+and the ratio TLINP / uniform of ``rel`` (< 1: TLINP profiles depend less on the length).
+
+    python benchmarks/tlinp_length.py [--model builtin:smollm2-135m] [--alpha 0.5] [--output DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "tlinp-length.yaml"
+LENGTHS = ("t16", "t32", "t64", "t128")
+
+
+def run(weighting: str, alpha: float, model: str, output: Path) -> Path:
+    """Run the recipe with the given weight step; finished steps are reused on a re-run."""
+    import yaml
+
+    from surgery.manager import Manager
+    from surgery.recipe import validate
+    from surgery.runner import run_recipe
+
+    raw = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
+    raw["models"]["lm"] = model
+    raw["steps"][0] = {"weight": {"plugin": "tlinp", "alpha": alpha} if weighting == "tlinp" else {"plugin": "uniform"}}
+    manager = Manager()
+    recipe = validate(raw, manager, base_dir=RECIPE.parent, source=str(RECIPE), output=str(output / weighting))
+    run_recipe(recipe, manager, quiet=True)
+    return output / weighting
+
+
+def profiles(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{profile: {length: [neurons of every layer]}} from the run's capture steps."""
+    from surgery.artifacts import Artifact
+    from surgery.capture import Stats
+
+    out: dict[str, dict[str, torch.Tensor]] = {"mean a": {}, "mean |a|": {}}
+    for index, length in enumerate(LENGTHS, start=1):
+        artifact = Artifact.load(run_dir / f"{index:02d}-capture-fam")
+        layers = artifact.meta["layers"]["lm"]
+        stats = [Stats.from_tensors(artifact.tensors, f"lm/{layer}/") for layer in layers]
+        out["mean a"][length] = torch.cat([s.mean("act") for s in stats])
+        out["mean |a|"][length] = torch.cat([s.mean_abs("act") for s in stats])
+    return out
+
+
+def length_variance(by_length: dict[str, torch.Tensor]) -> tuple[float, float]:
+    stacked_ti = torch.stack([by_length[t] for t in LENGTHS]).double()
+    var_i = stacked_ti.var(dim=0, unbiased=False)
+    spread = stacked_ti.mean(dim=0).var(unbiased=False)
+    return float(var_i.mean()), float(var_i.mean() / spread)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="builtin:smollm2-135m")
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--output", type=Path, default=Path(tempfile.gettempdir()) / "tlinp-length")
+    args = parser.parse_args()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    results = {}
+    for weighting in ("uniform", "tlinp"):
+        results[weighting] = {name: length_variance(p) for name, p in profiles(run(weighting, args.alpha, args.model, args.output)).items()}
+    print(f"model {args.model}, max_tokens {', '.join(t[1:] for t in LENGTHS)}, TLINP alpha {args.alpha}\n")
+    print("profile | uniform var | uniform rel | tlinp var | tlinp rel | rel ratio tlinp/uniform")
+    print("--- | --- | --- | --- | --- | ---")
+    for name in results["uniform"]:
+        (uv, ur), (tv, tr) = results["uniform"][name], results["tlinp"][name]
+        print(f"{name} | {uv:.3e} | {ur:.4f} | {tv:.3e} | {tr:.4f} | {tr / ur:.3f}")
+
+
+if __name__ == "__main__":
+    main()
