@@ -386,5 +386,7 @@ def test_unknown_constrain_plugin_and_missing_capture_are_one_line_errors(zoo_li
     with pytest.raises(SurgeryError, match="lape"):
         run(zoo_like, tmp_path / "nocap", [{"capture": {"plugin": "mean", "models": ["a", "b"]}},
                                             {"score": {"plugin": "lape-tefm", "models": ["a", "b"]}}])
+    with pytest.raises(SurgeryError, match="no-such-constraint"):
+        run(zoo_like, tmp_path / "nocon", pipeline({"search": "no-such-constraint", "grid": [0.5]}))
     with pytest.raises(SurgeryError, match="len_min"):
         run(zoo_like, tmp_path / "bad", [{"capture": {"plugin": "lape", "len_min": 9, "len_max": 4}}])
