@@ -41,6 +41,8 @@ ZOO = {"task-a": "builtin:tiny-llama/task-a", "task-b": "builtin:tiny-llama/task
 STRESS = {"lr": 3e-3, "steps": 300, "batch_size": 64}
 LLAVA_ROLES = {"llama": "task-b", "parent": "parent"}  # the LLaVA itself stays tiny-llava/task-a
 IMAGE_TASKS = ("colour", "shape")
+LAPE_ROLES = {"base": "task-a", "donor": "task-b"}  # lape-tefm merges task-b into task-a
+LAPE_PARENT_ROLES = {**LAPE_ROLES, "parent": "parent"}
 LLAVA = "builtin:tiny-llava/task-a"
 
 
@@ -66,6 +68,11 @@ ROWS = [
     Row("linear llava<-llama", "fam-llava.yaml", model="linear", roles=LLAVA_ROLES, tasks=IMAGE_TASKS, pairs=("zoo",)),
     Row("task-arithmetic llava<-llama", "fam-llava.yaml", model="task_arithmetic", roles=LLAVA_ROLES,
         tasks=IMAGE_TASKS, pairs=("zoo",)),
+    Row("lape-tefm", "lape-tefm.yaml", model="lape_tefm", roles=LAPE_ROLES, baseline=False),
+    Row("lape-tefm (drift search)", "lape-tefm.yaml", model="lape_tefm_drift", roles=LAPE_ROLES, baseline=False),
+    Row("lape-tefm+parent", "lape-tefm-parent.yaml", model="lape_tefm", roles=LAPE_PARENT_ROLES, baseline=False),
+    Row("lape-tefm+parent (drift search)", "lape-tefm-parent.yaml", model="lape_tefm_drift", roles=LAPE_PARENT_ROLES,
+        baseline=False),
 ]
 
 
