@@ -210,6 +210,7 @@ def accuracy(model: torch.nn.Module, tokenizer: Any, task: str, n: int = 256, se
     """
     from surgery.zoo.architectures import prepare_for_inference
     from surgery.zoo.encode import answer_logits, encode, is_masked_model, model_inputs
+    from surgery.zoo.train import one_thread
 
     prepare_for_inference(model)
     was_training = model.training
@@ -218,11 +219,12 @@ def accuracy(model: torch.nn.Module, tokenizer: Any, task: str, n: int = 256, se
     device = next(model.parameters()).device
     examples = make_examples(task, n, seed, split)
     correct = 0
-    for start in range(0, n, batch_size):
-        batch = encode(examples[start : start + batch_size], tokenizer, mask_answer=masked)
-        logits_btv = model(**model_inputs(batch, device)).logits.float().cpu()
-        predicted_bt = answer_logits(logits_btv, batch, masked).argmax(dim=-1)
-        wrong_b = ((predicted_bt != batch["targets"]) & batch["answer_mask"]).any(dim=1)
-        correct += int((~wrong_b).sum())
+    with one_thread():
+        for start in range(0, n, batch_size):
+            batch = encode(examples[start : start + batch_size], tokenizer, mask_answer=masked)
+            logits_btv = model(**model_inputs(batch, device)).logits.float().cpu()
+            predicted_bt = answer_logits(logits_btv, batch, masked).argmax(dim=-1)
+            wrong_b = ((predicted_bt != batch["targets"]) & batch["answer_mask"]).any(dim=1)
+            correct += int((~wrong_b).sum())
     model.train(was_training)
     return correct / n

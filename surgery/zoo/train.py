@@ -29,7 +29,15 @@ def train(model: torch.nn.Module, tokenizer: Any, tasks: tuple[str, ...], steps:
 
     ``param_groups`` (AdamW's format, e.g. ``[{"params": [...], "lr": 3e-4}]``) default to all
     parameters at ``lr``. ``callback(step, loss)`` is called after every step (progress, curves).
+    Runs on one intra-op thread (see ``one_thread``).
     """
+    with one_thread():
+        return _train(model, tokenizer, tasks, steps, lr, batch_size, seed, objective, param_groups, warmup, callback)
+
+
+def _train(model: torch.nn.Module, tokenizer: Any, tasks: tuple[str, ...], steps: int, lr: float, batch_size: int,
+           seed: int, objective: str, param_groups: list[dict[str, Any]] | None, warmup: int,
+           callback: Callable[[int, float], None] | None) -> list[float]:
     generator = torch.Generator().manual_seed(seed)
     groups = param_groups if param_groups is not None else [{"params": list(model.parameters())}]
     trainable = [p for group in groups for p in group["params"]]
@@ -107,18 +115,28 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 @contextmanager
-def single_thread(seed: int) -> Iterator[None]:
-    """Run a block on one intra-op thread with the global torch seed set; restore both after.
+def one_thread() -> Iterator[None]:
+    """Run a block on one intra-op thread, then restore the thread count.
 
-    One thread makes the float reductions, and so the trained weights, the same on every machine
-    whatever its core count; for models this small it is also as fast as several threads.
+    One thread makes the float reductions, and so the trained weights, the same whatever the
+    machine's core count. For models this small it is as fast as several threads on an idle
+    machine, and many times faster on a busy one (threads that wait for each other spin).
     """
     threads = torch.get_num_threads()
-    rng_state = torch.get_rng_state()
     torch.set_num_threads(1)
-    torch.manual_seed(seed)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def single_thread(seed: int) -> Iterator[None]:
+    """``one_thread`` with the global torch seed set to ``seed``; the global RNG state is restored after."""
+    rng_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        with one_thread():
+            yield
+    finally:
         torch.set_rng_state(rng_state)
