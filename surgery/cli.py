@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import typing
 from importlib import resources
 from pathlib import Path
 
@@ -96,9 +97,44 @@ def describe(plugin: str, plugin_refs: tuple[str, ...]) -> None:
         if not fields:
             click.echo("    (no options)")
         for name, field in fields.items():
-            kind = getattr(field.annotation, "__name__", str(field.annotation)).replace("typing.", "")
-            default = "required" if field.is_required() else f"default {field.default!r}"
-            click.echo(f"    {name:<18} {kind:<16} {default:<22} {field.description or ''}")
+            default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+            click.echo(f"    {name:<18} {_type_name(field.annotation):<22} {default:<22} {field.description or ''}")
+
+
+@cli.command(name="eval")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--tasks", default=None, help="Comma-separated tasks for the `tasks` evaluator (default: its own).")
+@click.option("--n", "count", default=256, type=click.IntRange(min=1), help="Held-out examples per task.")
+@click.option("--evaluator", default="tasks", help="The evaluate plugin to use.")
+@click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def eval_command(models: tuple[str, ...], tasks: str | None, count: int, evaluator: str, device: str | None, as_json: bool) -> None:
+    """Score MODELS (builtin:NAME, directories or hub ids) side by side in one table."""
+    import tempfile
+
+    from surgery.recipe import validate
+    from surgery.runner import run_recipe
+
+    manager = _manager()
+    options: dict = {"plugin": evaluator}
+    if evaluator == "tasks":
+        options["n"] = count
+        if tasks:
+            options["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()]
+    names = {Path(m).name if not m.startswith("builtin:") else m[len("builtin:"):]: m for m in models}
+    with tempfile.TemporaryDirectory(prefix="surgery-eval-") as tmp:
+        raw = {"name": "eval", "models": names, "steps": [{"evaluate": options}], "output": tmp}
+        report = run_recipe(validate(raw, manager, base_dir=Path.cwd(), source="eval"), manager, device, quiet=True)
+    figures = report["steps"][0]["figures"]
+    if as_json:
+        click.echo(json.dumps(figures, indent=2, sort_keys=True))
+        return
+    columns = sorted({key[len(n) + 1:] for key in figures for n in names if key.startswith(n + "/")})
+    width = max(len(n) for n in names) + 2
+    click.echo(f"{'model':<{width}}" + "".join(f"{c:>14}" for c in columns))
+    for name in names:
+        row = [figures.get(f"{name}/{c}") for c in columns]
+        click.echo(f"{name:<{width}}" + "".join(f"{_short(v):>14}" if v is not None else f"{'-':>14}" for v in row))
 
 
 @cli.command()
@@ -131,8 +167,24 @@ def _relaunch_with_torchrun(nproc: int) -> int:
     return subprocess.call(command)
 
 
+def _type_name(annotation: object) -> str:
+    """'float', 'int | None', 'heads|neurons' for a Literal: short and readable."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(annotation))
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
 def _short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _quiet_transformers() -> None:
+    """Our own progress bars say what is happening; transformers' per-load bars are noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _add_plugin_commands() -> None:
@@ -145,6 +197,7 @@ def _add_plugin_commands() -> None:
 def main() -> None:
     """Entry point: one-line errors and exit code 2 for bad input; tracebacks only with --debug."""
     debug = "--debug" in sys.argv
+    _quiet_transformers()
     try:
         _add_plugin_commands()
         code = cli.main(standalone_mode=False)

@@ -90,7 +90,8 @@ class StepContext:
         return CheckpointWriter(self.saved_model, like=self.run.model_path(like), max_shard_bytes=max_bytes)
 
     # --- data ----------------------------------------------------------------------------------
-    def _data_spec(self, data: str | None) -> Any:
+    def data_spec(self, data: str | None = None) -> Any:
+        """The validated entry (``surgery.data.DataSpec``) of the step's data, or of ``data``."""
         name = data or self.step.data
         if name is None:
             raise SurgeryError(f"{self.where}: this step needs data, and the recipe defines none")
@@ -99,12 +100,12 @@ class StepContext:
         return self.run.recipe.data[name]
 
     def examples(self, data: str | None = None) -> list[dict]:
-        return self.run.examples(self._data_spec(data))
+        return self.run.examples(self.data_spec(data))
 
     def batches(self, tokenizer: Any, data: str | None = None, batch_size: int | None = None) -> Iterator[dict]:
         from surgery.data import batches
 
-        spec = self._data_spec(data)
+        spec = self.data_spec(data)
         size = batch_size or spec.batch_size
         return batches(self.examples(data), tokenizer, size, spec.max_tokens)
 

@@ -172,7 +172,7 @@ def validate(
     if not isinstance(out, str):
         raise RecipeError("output: expected a directory path", where=source)
     steps = _validate_steps(steps_raw, manager, models, data, source)
-    output_path = Path(out) if Path(out).is_absolute() or output else base_dir / out
+    output_path = Path(out)  # relative to the working directory, like any CLI output path
     return Recipe(name, seed, plugins, models, data, steps, output_path, device, base_dir, source)
 
 

@@ -418,7 +418,7 @@ class Lape:
 def probe_spec(ctx):
     """The step's data entry (``surgery.data.DataSpec``): its ``max_tokens`` cuts prompts, its
     ``batch_size`` is the default number of inputs generated together."""
-    return ctx._data_spec(None)
+    return ctx.data_spec()
 
 
 def _parent(ctx, name: str | None):

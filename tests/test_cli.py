@@ -1,0 +1,37 @@
+"""The newcomer commands: init writes a recipe that validates; eval prints a table."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.parametrize("template", ["merge", "attribute"])
+def test_init_writes_a_valid_recipe(template, tmp_path, monkeypatch, surgery_cli):
+    monkeypatch.chdir(tmp_path)
+    result = surgery_cli("init", template)
+    assert result.exit_code == 0, result.err
+    assert (tmp_path / f"{template}.yaml").is_file()
+    assert surgery_cli("validate", f"{template}.yaml").exit_code == 0
+    again = surgery_cli("init", template)
+    assert again.exit_code == 2 and "exists" in again.err
+
+
+def test_init_unknown_template(tmp_path, monkeypatch, surgery_cli):
+    monkeypatch.chdir(tmp_path)
+    result = surgery_cli("init", "merj")
+    assert result.exit_code == 2 and "did you mean 'merge'" in result.err
+
+
+def test_swapping_a_method_is_one_override(tmp_path, monkeypatch, surgery_cli):
+    monkeypatch.chdir(tmp_path)
+    surgery_cli("init", "merge")
+    assert surgery_cli("validate", "merge.yaml", "--set", "steps.0.plugin=ties").exit_code == 0
+
+
+def test_eval_prints_accuracy_per_task(tmp_path, monkeypatch, surgery_cli):
+    monkeypatch.chdir(tmp_path)
+    result = surgery_cli("eval", "builtin:tiny-llama/task-a", "--tasks", "reverse", "--n", "32", "--json")
+    assert result.exit_code == 0, result.err
+    figures = json.loads(result.out)
+    assert figures["tiny-llama/task-a/reverse"] >= 0.9
