@@ -3,7 +3,8 @@
 Runs each method's recipe (``recipes/<method>.yaml``) as written, except that its evaluate steps are
 replaced by the same two for every row (``tasks`` accuracy on ``--examples`` held-out examples per
 task, and ``probe-loss``: token-weighted answer NLL), so rows differ only in how they merge. Rows are
-methods; the two fine-tunes (and their parent) are evaluated the same way for reference.
+methods (an ablation row removes stages from a recipe, e.g. FAM without its align step); the two
+fine-tunes (and their parent) are evaluated the same way for reference.
 
 Pairs (``--pair``):
 - ``zoo``: the zoo's fixture, ``tiny-llama/task-a`` (reverse) and ``task-b`` (sort), both fine-tuned
@@ -55,6 +56,7 @@ class Row:
     tasks: tuple[str, ...] = ()  # extra tasks (image tasks for a LLaVA)
     pairs: tuple[str, ...] = ("zoo", "stress")
     baseline: bool = True
+    without: tuple[str, ...] = ()  # stages removed from the recipe (an ablation row)
 
 
 ROWS = [
@@ -64,6 +66,7 @@ ROWS = [
     Row("dare", "dare.yaml"),
     Row("fam", "fam.yaml", baseline=False),
     Row("fam+tlinp", "fam-tlinp.yaml", baseline=False),
+    Row("fam, no align", "fam.yaml", baseline=False, without=("align",)),
     Row("fam+tlinp llava<-llama", "fam-llava.yaml", roles=LLAVA_ROLES, tasks=IMAGE_TASKS, pairs=("zoo",), baseline=False),
     Row("linear llava<-llama", "fam-llava.yaml", model="linear", roles=LLAVA_ROLES, tasks=IMAGE_TASKS, pairs=("zoo",)),
     Row("task-arithmetic llava<-llama", "fam-llava.yaml", model="task_arithmetic", roles=LLAVA_ROLES,
@@ -95,7 +98,7 @@ def prepared_recipe(row: Row, fixtures: dict[str, str], examples: int) -> dict:
         if key in raw["models"]:
             raw["models"][key] = fixtures[role]
     raw["data"]["bench-heldout"] = heldout(examples)
-    steps = [step for step in raw["steps"] if "evaluate" not in step]
+    steps = [step for step in raw["steps"] if not {"evaluate", *row.without} & set(step)]
     raw["steps"] = steps + evaluation_steps(row.model, [TASK_A, TASK_B, *OTHER_TASKS, *row.tasks], examples)
     return raw
 
