@@ -222,6 +222,8 @@ def test_synthetic_sources_through_the_data_registry():
     assert len(images) == 3 and images[0]["pixel_values"].shape == (3, 16, 16)
     with pytest.raises(DataError, match="split"):
         parse_data_spec({"source": "synthetic", "split": "dev"})
+    with pytest.raises(DataError, match="did you mean 'reverse'"):
+        parse_data_spec({"source": "synthetic", "tasks": ["copy", "revers"]})
 
 
 def test_evaluate_tasks_step_reports_each_models_accuracy(quick_entry, tmp_path):
@@ -237,6 +239,17 @@ def test_evaluate_tasks_step_reports_each_models_accuracy(quick_entry, tmp_path)
     figures = report["steps"][0]["figures"]
     model, tokenizer = zoo.load(path)
     assert figures == {f"quick/{task}": accuracy(model, tokenizer, task, n=64, seed=1) for task in ("copy", "reverse")}
+
+
+def test_evaluate_tasks_rejects_unknown_tasks_before_loading(tmp_path):
+    from surgery.errors import SurgeryError
+    from surgery.manager import Manager
+    from surgery.recipe import validate
+
+    raw = {"name": "t", "models": {"m": "builtin:tiny-llama/base"}, "output": str(tmp_path / "run"),
+           "steps": [{"evaluate": {"plugin": "tasks", "tasks": ["sortt"]}}]}
+    with pytest.raises(SurgeryError, match="did you mean 'sort'"):
+        validate(raw, Manager(), base_dir=tmp_path)  # validation loads no model
 
 
 def test_zoo_list_json_names_every_entry(surgery_cli, monkeypatch, tmp_path):

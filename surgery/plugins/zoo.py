@@ -11,10 +11,12 @@
 """
 from __future__ import annotations
 
+import itertools
 import json
+from typing import Any
 
 import click
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from surgery import hookimpl
 from surgery.artifacts import Artifact
@@ -24,11 +26,25 @@ from surgery.options import Options
 DEFAULT_EXAMPLES = 256
 
 
+def _known_tasks(value: Any) -> Any:
+    """Reject unknown task names while the recipe is validated, before any model is loaded."""
+    from surgery.zoo.tasks import resolve_tasks
+
+    if value is not None:
+        try:
+            resolve_tasks(value)
+        except DataError as exc:
+            raise ValueError(str(exc)) from None
+    return value
+
+
 class SyntheticOptions(Options):
     tasks: str | list[str] = Field("synthetic-mix", description="a task (copy, reverse, sort, inc, add, colour, "
                                    "shape), a mix (synthetic-mix, synthetic-image-mix) or a list of them")
     n: int | None = Field(None, ge=1, description="examples to draw (default: max_samples, else 256)")
     split: str = Field("test", pattern="^(train|test)$", description="held-out 'test' side or the 'train' side")
+
+    _check_tasks = field_validator("tasks")(_known_tasks)
 
 
 def _mix_options(mix: str) -> type[Options]:
@@ -45,6 +61,8 @@ class TasksOptions(Options):
     n: int = Field(256, ge=1, description="held-out examples per task")
     seed: int = Field(1, description="seed of the held-out examples")
     batch_size: int = Field(128, ge=1, description="examples per forward pass")
+
+    _check_tasks = field_validator("tasks")(_known_tasks)
 
 
 # --- registrations -------------------------------------------------------------------------------
@@ -168,12 +186,14 @@ def zoo_build(names: tuple[str, ...], jobs: int | None) -> None:
     chosen = list(names) or list(zoo.entries())
     for name in chosen:
         zoo.get_entry(name)  # unknown names fail before any training
-    jobs = jobs or min(2, os.cpu_count() or 1, len(chosen))
+    missing = [name for name in chosen if not zoo.is_built(name)]
+    jobs = jobs or min(2, os.cpu_count() or 1, max(1, len(missing)))
+    built = [(name, zoo.entry_dir(name)) for name in chosen if name not in missing]
     if jobs == 1:
-        pairs = ((name, zoo.build(name, progress=True)) for name in chosen)
-    else:
-        pairs = zoo.build_many(chosen, jobs=jobs)
-    for name, path in pairs:
+        trained = ((name, zoo.build(name, progress=True)) for name in missing)
+    else:  # worker processes only for what needs training: starting one costs seconds
+        trained = zoo.build_many(missing, jobs=jobs)
+    for name, path in itertools.chain(built, trained):
         record = zoo.info(name)
         accuracy = ", ".join(f"{task} {value:.3f}" for task, value in record["accuracy"].items())
         click.echo(f"{name}: {path} ({record['train_seconds']:.1f} s to train; {accuracy})")

@@ -22,9 +22,8 @@ from surgery.zoo.tasks import accuracy, make_examples
 from surgery.zoo.tokenizer import build_tokenizer
 
 __all__ = [
-    "Entry", "accuracy", "build", "build_many", "build_tokenizer", "cache_root", "entries", "entry_dir", "get_entry",
-    "info",
-    "is_built", "load", "make_bidirectional", "make_examples", "prepare_for_inference",
+    "Entry", "accuracy", "build", "build_many", "build_tokenizer", "cache_root", "entries", "entry_dir",
+    "get_entry", "info", "is_built", "load", "make_bidirectional", "make_examples", "prepare_for_inference",
 ]
 
 
