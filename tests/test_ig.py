@@ -330,3 +330,23 @@ def test_recipes_validate():
     for name in mine:
         recipe = load_recipe(recipes / f"{name}.yaml", get_manager())
         assert recipe.steps
+
+
+# --- SmolLM2-135M (slow: converts once into $SURGERY_CACHE) -------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_per_layer_completeness_on_deep_layers():
+    from surgery.data import batches
+    from surgery.models import ModelSpec, load_model
+    from surgery.objectives import get_objective
+
+    loaded = load_model("smollm2", ModelSpec(path="builtin:smollm2-135m"))
+    sites = head_sites(loaded.view)[-3:]  # 9 query heads over 3 KV groups each
+    assert [s.units for s in sites] == [9, 9, 9]
+    text = [{"text": "The capital of France is Paris, and the capital of Italy is Rome."}]
+    objective = get_objective("causal-lm")
+    batch = objective.prepare(next(batches(text, loaded.tokenizer, 1, 16)), torch.Generator())
+    t, w = quadrature("gauss-legendre", 8)
+    att = ig_per_layer(loaded.module, sites, batch, objective.loss, baseline_values("zero", sites), t, w, 8)
+    check = completeness(att, per_layer=True)
+    assert check["max_relative_error"] <= 0.01, check

@@ -300,3 +300,34 @@ def test_zoo_gqa_compact_prune_reloads_with_the_gated_logits(tmp_path):
         reloaded = AutoModelForCausalLM.from_pretrained(artifact.model_dir).eval()
         torch.testing.assert_close(_logits(reloaded, batch), _gated_logits(base.module, [units], [mask], batch),
                                    rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_compact_and_masked_prunes_reload_with_the_gated_logits(tmp_path):
+    from surgery.data import batches
+
+    loaded = load_model("smollm2", ModelSpec(path="builtin:smollm2-135m"))
+    model, units = loaded.module, _units(loaded.module)
+    mask = units.empty_mask()  # 9 query heads in 3 KV groups of 3 per layer
+    mask[0, [0, 3, 6]] = True  # one head of every group: 6 heads left
+    mask[5, [1, 2, 4, 5, 7, 8]] = True  # two of every group: 3 heads left
+    mask[29, [3, 4, 5]] = True  # a whole group: 6 heads, 2 KV groups
+    batch = next(batches([{"text": "Pruned heads must not change what the gated model computes."}] * 2,
+                         loaded.tokenizer, 2, 12))
+    expected = _gated_logits(model, [units], [mask], batch)
+    compact = compact_model(model, loaded.view, [[h for h in range(9) if not mask[l, h]] for l in range(30)], None)
+    assert compact.config.heads_per_layer[:6] == [6, 9, 9, 9, 9, 3] and compact.config.kv_heads_per_layer[29] == 2
+    compact.save_pretrained(tmp_path / "compact")
+    del compact
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compact").eval()
+    torch.testing.assert_close(_logits(reloaded, batch), expected, rtol=0, atol=1e-5)
+    removed = removed_params(model, units, mask)
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in reloaded.parameters()) == removed
+    del reloaded
+    saved = zeroed_columns(model, units, mask)
+    try:
+        model.save_pretrained(tmp_path / "masked")
+    finally:
+        restore_columns(saved)
+    masked = LlamaForCausalLM.from_pretrained(tmp_path / "masked").eval()
+    torch.testing.assert_close(_logits(masked, batch), expected, rtol=0, atol=1e-5)
