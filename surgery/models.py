@@ -118,8 +118,16 @@ def load_model(name: str, spec: ModelSpec, device: str | torch.device = "cpu") -
     if not spec.device_map:
         module.to(device)
     module.eval()
+    _restore_attention_direction(module)
     tokenizer = _load_tokenizer(path)
     return LoadedModel(name, module, tokenizer, Path(path) if isinstance(path, Path) else None, fingerprint(path))
+
+
+def _restore_attention_direction(module: torch.nn.Module) -> None:
+    """A Llama saved with ``is_causal: false`` (LLaDA-style) reloads causal; make it bidirectional."""
+    from surgery.zoo.architectures import prepare_for_inference
+
+    prepare_for_inference(module)
 
 
 def _model_class(config: Any) -> Any:

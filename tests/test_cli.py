@@ -35,3 +35,17 @@ def test_eval_prints_accuracy_per_task(tmp_path, monkeypatch, surgery_cli):
     assert result.exit_code == 0, result.err
     figures = json.loads(result.out)
     assert figures["tiny-llama/task-a/reverse"] >= 0.9
+
+
+def test_bidirectional_zoo_model_reloads_bidirectional():
+    """A LLaDA-style model loaded through the recipe loader attends to later tokens."""
+    import torch
+
+    from surgery.models import ModelSpec, load_model
+
+    model = load_model("llada", ModelSpec(path="builtin:tiny-llada/base")).module
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    changed = ids.clone()
+    changed[0, -1] = 9
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits[0, 0], model(changed).logits[0, 0])
