@@ -116,7 +116,7 @@ class FeatureConstraint:
         self.site = site
         self.k = k
         self.reference_site = Site(reference, site)
-        self._policy_sites: dict[int, Any] = {}
+        self._policy_site: Site | None = None
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
 
     def pooled(self, resid_btd: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -141,8 +141,9 @@ class FeatureConstraint:
     def penalty(self, policy_model: torch.nn.Module, batch: dict) -> torch.Tensor:
         from surgery.sae import Site
 
-        site = self._policy_sites.setdefault(id(policy_model), Site(policy_model, self.site))
-        logits_btv, resid_btd = site.run(batch)
+        if self._policy_site is None or self._policy_site.model is not policy_model:
+            self._policy_site = Site(policy_model, self.site)  # only the latest: never keeps old models alive
+        logits_btv, resid_btd = self._policy_site.run(batch)
         return self.from_outputs(logits_btv, resid_btd, batch, self.reference(batch))
 
 
