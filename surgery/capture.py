@@ -71,7 +71,7 @@ from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 import torch
 
 from surgery.adapters import LayerView, envoy_at, write_directions
-from surgery.errors import ModelError, NumericError
+from surgery.errors import ModelError
 
 Port = Literal["input", "output"]
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
@@ -344,11 +344,14 @@ class Capture:
         self.rows_seen += mask_bt.shape[0]
 
     def result(self) -> dict[str, Stats]:
-        """The statistics per group; raises NumericError if any sum is NaN or infinite."""
+        """The statistics per group; a NaN or infinite sum is a NumericError (under the recipe's
+        ``on_nonfinite: report``, a finding in the run report instead; see :mod:`surgery.guards`)."""
+        from surgery import guards
+
         for group, stats in self.stats.items():
             for key, value in stats.sums.items():
                 if not bool(torch.isfinite(value).all()):
-                    raise NumericError(f"capture: non-finite {key!r} in group {group!r}")
+                    guards.flag(f"capture: non-finite {key!r} in group {group!r}")
         return self.stats
 
     def _trace(self, batch: dict) -> tuple[dict[Site, torch.Tensor], dict[Site, torch.Tensor], torch.Tensor | None]:

@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
+from surgery import guards
 from surgery.errors import ModelError
 from surgery.io import atomic_path, write_json, write_tensors
 
@@ -41,18 +42,38 @@ class CheckpointReader:
         if file is None:
             raise ModelError(f"{self.directory}: no tensor named {name!r}")
         # a handle per read: closing it unmaps the file, so resident memory stays one tensor deep
-        with safe_open(str(self.directory / file), framework="pt") as handle:
-            return handle.get_tensor(name)
+        try:
+            with safe_open(str(self.directory / file), framework="pt") as handle:
+                tensor = handle.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types for truncated files
+            raise ModelError(f"{self.directory / file}: cannot read tensor {name!r} ({_first_line(exc)})") from None
+        guards.check_tensor(f"checkpoint {self.directory}: tensor {name}{guards.layer_note(name)}", tensor)
+        return tensor
 
     def shape(self, name: str) -> list[int]:
-        with safe_open(str(self.directory / self._file_of[name]), framework="pt") as handle:
-            return list(handle.get_slice(name).get_shape())
+        file = self._file_of.get(name)
+        if file is None:
+            raise ModelError(f"{self.directory}: no tensor named {name!r}")
+        try:
+            with safe_open(str(self.directory / file), framework="pt") as handle:
+                return list(handle.get_slice(name).get_shape())
+        except Exception as exc:
+            raise ModelError(f"{self.directory / file}: cannot read tensor {name!r} ({_first_line(exc)})") from None
 
 
 def _tensor_files(directory: Path) -> dict[str, str]:
     index = directory / INDEX_FILE
     if index.is_file():
-        return dict(json.loads(index.read_text())["weight_map"])
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not a mapping")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"{index}: not a valid checkpoint index ({_first_line(exc)})") from None
+        missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+        if missing:
+            raise ModelError(f"{index}: names {missing[0]}, which is not in the directory")
+        return dict(weight_map)
     single = directory / SINGLE_FILE
     if not single.is_file():
         raise ModelError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
@@ -78,6 +99,7 @@ class CheckpointWriter:
         self._total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        guards.check_tensor(f"output tensor {name}{guards.layer_note(name)}", tensor)
         size = tensor.numel() * tensor.element_size()
         if self.max_shard_bytes and self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
@@ -122,3 +144,8 @@ def copy_side_files(source: Path, target: Path) -> None:
 def iter_tensors(reader: CheckpointReader) -> Iterator[tuple[str, torch.Tensor]]:
     for name in reader.names():
         yield name, reader.get(name)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

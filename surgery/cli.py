@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, one_line
 from surgery.manager import Manager, get_manager
 from surgery.recipe import load_recipe
 
@@ -212,7 +212,7 @@ def main() -> None:
     except SurgeryError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {one_line(str(exc))}", err=True)
         sys.exit(exc.exit_code)
 
 

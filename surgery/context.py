@@ -9,7 +9,8 @@ from tqdm.auto import tqdm
 
 from surgery.artifacts import Artifact
 from surgery.checkpoint import CheckpointWriter, copy_side_files
-from surgery.errors import RecipeError, SurgeryError
+from surgery import guards
+from surgery.errors import DataError, RecipeError, SurgeryError
 from surgery.recipe import Step, _validate_options
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class StepContext:
     def save_model(self, module: torch.nn.Module, like: str) -> Path:
         """``save_pretrained`` ``module`` (safetensors) with the tokenizer/side files of model ``like``."""
         target = self.out_dir / MODEL_SUBDIR
+        guards.check_module(f"{self.step.output_model or like} (saved by this step)", module)
         module.save_pretrained(target, safe_serialization=True)
         source = self.run.model_path(like)
         tokenizer = self.run.model(like).tokenizer if like in self.run.loaded else None
@@ -100,14 +102,19 @@ class StepContext:
         return self.run.recipe.data[name]
 
     def examples(self, data: str | None = None) -> list[dict]:
-        return self.run.examples(self.data_spec(data))
+        """The examples of the step's data entry (or of ``data``); errors name the entry."""
+        spec = self.data_spec(data)
+        try:
+            return self.run.examples(spec)
+        except DataError as exc:
+            raise DataError(f"data.{data or self.step.data}: {exc}") from None
 
     def batches(self, tokenizer: Any, data: str | None = None, batch_size: int | None = None) -> Iterator[dict]:
         from surgery.data import batches
 
         spec = self.data_spec(data)
         size = batch_size or spec.batch_size
-        return batches(self.examples(data), tokenizer, size, spec.max_tokens)
+        return _named_batches(batches(self.examples(data), tokenizer, size, spec.max_tokens), data or self.step.data)
 
     def shard(self, items: list) -> list[tuple[int, Any]]:
         """This process's share of ``items`` as (global index, item) pairs (all of them when alone)."""
@@ -161,3 +168,11 @@ class StepContext:
     def log(self, message: str) -> None:
         self.run.log(f"{self.where}: {message}")
 
+
+
+def _named_batches(batches: Iterator[dict], data: str | None) -> Iterator[dict]:
+    """``batches`` with data errors (an example that gives no tokens ...) naming the data entry."""
+    try:
+        yield from batches
+    except DataError as exc:
+        raise DataError(f"data.{data}: {exc}") from None

@@ -30,3 +30,21 @@ class DataError(SurgeryError):
 
 class NumericError(SurgeryError):
     """NaN or Inf found in weights, activations, scores or gradients."""
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: lines after the first are joined with ' | ', blanks dropped."""
+    return " | ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def located(exc: SurgeryError, where: str) -> SurgeryError:
+    """``exc`` with ``where:`` in front of its message (unless it already starts with it), same type."""
+    message = str(exc)
+    if message.startswith(f"{where}:"):
+        return exc
+    try:
+        relocated = type(exc)(message, where=where)
+    except TypeError:  # a subclass with its own constructor
+        relocated = SurgeryError(message, where=where)
+        relocated.exit_code = exc.exit_code
+    return relocated

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -102,25 +104,60 @@ class LoadedModel:
 
 
 def load_model(name: str, spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model and its tokenizer with stock ``transformers`` classes, in eval mode."""
+    """Load a model and its tokenizer with stock ``transformers`` classes, in eval mode.
+
+    Fails with a one-line :class:`ModelError` when the checkpoint lacks a tensor the config asks for
+    or holds one of another shape (``transformers`` alone would initialise it at random).
+    """
     import transformers
 
     path = resolve_path(spec)
     kwargs: dict[str, Any] = {"dtype": DTYPES[spec.dtype], "trust_remote_code": spec.trust_remote_code}
     if spec.device_map:
         kwargs["device_map"] = spec.device_map
+    where = f"cannot load model {name!r} from {path}"
     try:
-        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-        model_class = _model_class(config)
-        module = model_class.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model {name!r} from {path}: {str(exc).splitlines()[0]}") from None
+        with _quiet_transformers():
+            config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+            model_class = _model_class(config)
+            module, info = model_class.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    except Exception as exc:  # transformers and safetensors raise many types for a bad checkpoint
+        raise ModelError(f"{where}: {_first_line(exc)}") from None
+    _check_loading_info(info, where)
     if not spec.device_map:
         module.to(device)
     module.eval()
     _restore_attention_direction(module)
     tokenizer = _load_tokenizer(path)
     return LoadedModel(name, module, tokenizer, Path(path) if isinstance(path, Path) else None, fingerprint(path))
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' loading reports: a bad checkpoint becomes one ModelError line instead."""
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_loading_info(info: dict[str, Any], where: str) -> None:
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, *shapes = mismatched[0] if isinstance(mismatched[0], (tuple, list)) else (mismatched[0],)
+        detail = f" (checkpoint {list(shapes[0])}, config {list(shapes[1])})" if len(shapes) == 2 else ""
+        raise ModelError(f"{where}: tensor {key} does not have the shape the config implies{detail}")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ModelError(f"{where}: the checkpoint lacks {len(missing)} tensor(s) the config asks for, e.g. {missing[0]}")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _restore_attention_direction(module: torch.nn.Module) -> None:

@@ -32,7 +32,8 @@ from surgery.manager import Manager
 from surgery.options import Options
 from surgery.registry import did_you_mean
 
-TOP_KEYS = {"name", "seed", "plugins", "models", "data", "steps", "output", "device"}
+TOP_KEYS = {"name", "seed", "plugins", "models", "data", "steps", "output", "device", "on_nonfinite"}
+NONFINITE_MODES = ("stop", "report")
 STEP_KEYS = {"plugin", "name", "models", "data", "inputs", "as"}
 OUTPUT_MODEL = {"fuse": "merged", "prune": "pruned", "tune": "tuned"}
 # stages whose steps read every recipe model unless `models:` says otherwise
@@ -69,6 +70,7 @@ class Recipe:
     device: str
     base_dir: Path
     source: str  # the file the recipe came from, for messages
+    on_nonfinite: str = "stop"  # NaN/Inf: stop the step, or report it and go on (surgery.guards)
 
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
@@ -149,6 +151,9 @@ def validate(
     name = _typed(raw, "name", str, source, default=Path(source).stem)
     seed = _typed(raw, "seed", int, source, default=0)
     device = _typed(raw, "device", str, source, default="cpu")
+    on_nonfinite = _typed(raw, "on_nonfinite", str, source, default="stop")
+    if on_nonfinite not in NONFINITE_MODES:
+        raise RecipeError(f"on_nonfinite: expected one of {', '.join(NONFINITE_MODES)}, got {on_nonfinite!r}", where=source)
     plugins = _typed(raw, "plugins", list, source, default=[])
     for i, ref in enumerate(plugins):
         if not isinstance(ref, str):
@@ -173,7 +178,7 @@ def validate(
         raise RecipeError("output: expected a directory path", where=source)
     steps = _validate_steps(steps_raw, manager, models, data, source)
     output_path = Path(out)  # relative to the working directory, like any CLI output path
-    return Recipe(name, seed, plugins, models, data, steps, output_path, device, base_dir, source)
+    return Recipe(name, seed, plugins, models, data, steps, output_path, device, base_dir, source, on_nonfinite)
 
 
 def _validate_steps(steps_raw: list, manager: Manager, models: dict, data: dict, source: str) -> list[Step]:

@@ -9,9 +9,15 @@ Run directory layout::
       01-score-fam/ ...
 
 A step is finished when its ``done.json`` exists; it records the step's fingerprint (stage, plugin,
-normalised options, model fingerprints, data spec, seed, and the previous step's fingerprint). A
-re-run reuses a finished step whose fingerprint is unchanged. Steps are written into a temporary
-directory and renamed into place, so a crash never leaves a directory that looks finished.
+normalised options, model fingerprints, data spec, seed, and the previous step's fingerprint) and
+the size of every file the step wrote. A re-run reuses a finished step whose fingerprint is
+unchanged and whose files are all there with their recorded sizes. Steps are written into a
+temporary directory and renamed into place, so a crash never leaves a directory that looks
+finished, and a file cut short later is never read as valid.
+
+A step that fails leaves nothing behind: its temporary directory is removed, and so is the run
+directory when this run created it and no step finished. Errors carry the recipe file and the step.
+Non-finite values are handled by :mod:`surgery.guards` under the recipe's ``on_nonfinite``.
 """
 from __future__ import annotations
 
@@ -27,9 +33,9 @@ import torch
 
 from surgery import __version__
 from surgery.artifacts import Artifact
-from surgery import distributed
+from surgery import distributed, guards
 from surgery.context import StepContext
-from surgery.errors import PluginError, SurgeryError
+from surgery.errors import PluginError, SurgeryError, located
 from surgery.io import read_json, write_json
 from surgery.manager import Manager
 from surgery.models import LoadedModel, fingerprint, load_model, resolve_path
@@ -53,6 +59,7 @@ class Run:
         self.produced: dict[str, tuple[Path, str]] = {}  # model name -> (directory, fingerprint)
         self.finished: dict[str, tuple[Step, Artifact]] = {}
         self._examples: dict[str, list[dict]] = {}
+        self._partial: Path | None = None  # the temporary directory of the step being computed
         self.report: dict[str, Any] = {"recipe": recipe.name, "source": recipe.source, "version": __version__, "steps": []}
 
     # --- models and data -----------------------------------------------------------------------
@@ -75,7 +82,9 @@ class Run:
 
             spec = ModelSpec(path=str(self.produced[name][0])) if name in self.produced else self.recipe.models[name]
             self.log(f"loading model {name!r} from {spec.path}")
-            self.loaded[name] = load_model(name, spec, self.device)
+            loaded = load_model(name, spec, self.device)
+            guards.check_module(name, loaded.module)
+            self.loaded[name] = loaded
         return self.loaded[name]
 
     def examples(self, spec: Any) -> list[dict]:
@@ -109,41 +118,66 @@ class Run:
             "data": data.model_dump(mode="json") if data is not None else None, "inputs": step.inputs,
             "seed": self.recipe.seed, "previous": previous, "as": step.output_model,
         }
+        if self.recipe.on_nonfinite != "stop":  # a step that went on past NaN is not a clean one
+            record["on_nonfinite"] = self.recipe.on_nonfinite
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
     def execute(self) -> dict[str, Any]:
         """Run every step in order; return the report."""
         distributed.init_from_env(self.device)
-        self.output.mkdir(parents=True, exist_ok=True)
-        self.log(f"run {self.recipe.name!r} from {self.recipe.source}")
-        previous = ""
-        for step in self.recipe.steps:
-            previous = self.step_fingerprint(step, previous)
-            self._run_step(step, previous)
+        created = not self.output.exists()
+        try:
+            self.output.mkdir(parents=True, exist_ok=True)
+            self.log(f"run {self.recipe.name!r} from {self.recipe.source}")
+            previous = ""
+            for step in self.recipe.steps:
+                previous = self.step_fingerprint(step, previous)
+                self._run_step(step, previous)
+        except Exception as exc:
+            self._discard_partial(created, exc)
+            if isinstance(exc, SurgeryError):
+                raise located(exc, self.recipe.source) from exc
+            raise
         self.log("done")
         return self.report
+
+    def _discard_partial(self, created: bool, exc: Exception) -> None:
+        """After a failed step: remove its temporary directory, and the run directory if this run
+        made it and nothing in it finished."""
+        if self._partial is not None:
+            shutil.rmtree(self._partial, ignore_errors=True)
+        if distributed.rank() != 0:
+            return
+        if created and not self.finished:
+            shutil.rmtree(self.output, ignore_errors=True)
+        else:
+            self.log(f"failed: {exc}")
 
     def _run_step(self, step: Step, fp: str) -> None:
         final = self.output / step.dirname
         start = time.perf_counter()
-        done = final / DONE_FILE
-        if done.is_file() and read_json(done).get("fingerprint") == fp:
-            artifact = Artifact.load(final)
-            status = "reused"
-        else:
+        artifact = _reusable(final, fp)
+        status = "reused"
+        if artifact is None:
             self._compute(step, final, fp)
             status = "ran"
             distributed.barrier()  # ranks > 0 read what rank 0 wrote
             artifact = Artifact.load(final)
+        nonfinite = _read_done(final).get("nonfinite", []) if distributed.rank() == 0 else []
         seconds = round(time.perf_counter() - start, 3)
         self.finished[step.name] = (step, artifact)
         if step.output_model and artifact.model_dir is not None:
             self.produced[step.output_model] = (artifact.model_dir, fp)
         self.log(f"step {step.index} ({step.stage}: {step.plugin}) {status} in {seconds}s")
-        self.report["steps"].append({
+        for finding in nonfinite:
+            self.log(f"step {step.index} ({step.stage}: {step.plugin}): {finding}")
+        entry = {
             "index": step.index, "name": step.name, "stage": step.stage, "plugin": step.plugin, "status": status,
             "seconds": seconds, "dir": step.dirname, "figures": artifact.figures, "model": step.output_model,
-        })
+        }
+        if nonfinite:
+            entry["nonfinite"] = nonfinite
+        self.report["steps"].append(entry)
         if distributed.rank() == 0:
             write_json(self.output / REPORT_FILE, self.report)
 
@@ -152,19 +186,31 @@ class Run:
         tmp = self.output / (f".{step.dirname}.tmp" if rank == 0 else f".{step.dirname}.rank{rank}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        self._partial = tmp
         ctx = StepContext(self, step, tmp)
         torch.manual_seed(self.recipe.seed)
-        artifact = self._call(step, ctx)
-        if not isinstance(artifact, Artifact):
-            raise PluginError(f"step {step.index} ({step.stage}: {step.plugin}): plugin returned {type(artifact).__name__}, not an Artifact")
+        where = f"step {step.index} ({step.stage}: {step.plugin})"
+        with guards.policy(self.recipe.on_nonfinite) as found:
+            artifact = self._call(step, ctx)
+            if not isinstance(artifact, Artifact):
+                raise PluginError(f"{where}: plugin returned {type(artifact).__name__}, not an Artifact")
+            try:
+                guards.check_tensors("artifact tensor", artifact.tensors)
+            except SurgeryError as exc:
+                raise located(exc, where) from None
         if rank != 0:  # only rank 0 writes the run directory
             shutil.rmtree(tmp, ignore_errors=True)
+            self._partial = None
             return None
         if artifact.model_dir is None and ctx.saved_model is not None:
             artifact.model_dir = ctx.saved_model
         artifact.save(tmp)
-        write_json(tmp / DONE_FILE, {"fingerprint": fp, "finished": _now()})
+        done = {"fingerprint": fp, "finished": _now(), "files": _file_sizes(tmp)}
+        if found.findings:
+            done["nonfinite"] = found.findings
+        write_json(tmp / DONE_FILE, done)
         _replace_dir(tmp, final)
+        self._partial = None
         return None
 
     def _call(self, step: Step, ctx: StepContext) -> Any:
@@ -191,6 +237,39 @@ class UniformWeighter:
 
     def weights(self, logits_btv: torch.Tensor | None, input_ids_bt: torch.Tensor, mask_bt: torch.Tensor) -> torch.Tensor:
         return mask_bt.to(torch.float32)
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    """Size in bytes of every file under ``directory`` (``done.json`` aside), by relative path."""
+    return {
+        path.relative_to(directory).as_posix(): path.stat().st_size
+        for path in sorted(directory.rglob("*")) if path.is_file() and path.name != DONE_FILE
+    }
+
+
+def _read_done(directory: Path) -> dict[str, Any]:
+    try:
+        record = read_json(directory / DONE_FILE)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _reusable(final: Path, fp: str) -> Artifact | None:
+    """The finished step's artifact when its fingerprint matches and every file it wrote is there
+    with its recorded size; None (compute again) otherwise."""
+    record = _read_done(final)
+    files = record.get("files")
+    if record.get("fingerprint") != fp or not isinstance(files, dict):
+        return None
+    for name, size in files.items():
+        path = final / name
+        if not path.is_file() or path.stat().st_size != size:
+            return None
+    try:
+        return Artifact.load(final)
+    except Exception:  # unreadable despite matching sizes: compute it again
+        return None
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

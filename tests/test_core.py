@@ -176,7 +176,8 @@ def test_plugin_that_raises_is_named(tmp_path, tiny_checkpoints, surgery_cli):
     recipe.write_text(f"plugins: [./broken.py]\nmodels: {{a: {a}, b: {b}}}\nsteps:\n  - fuse: {{plugin: broken}}\noutput: {tmp_path / 'run'}\n")
     result = surgery_cli("run", recipe)
     assert result.exit_code == 2
-    assert result.err.strip() == "error: step 0 (fuse: broken): plugin raised ZeroDivisionError: boom"
+    assert result.err.strip() == f"error: {recipe}: step 0 (fuse: broken): plugin raised ZeroDivisionError: boom"
+    assert not (tmp_path / "run").exists()  # a run that finished no step leaves nothing behind
 
 
 def test_entry_point_plugin_is_discovered(tmp_path, tiny_checkpoints):
