@@ -24,10 +24,11 @@ MODEL_SUBDIR = "model"
 class StepContext:
     """The running recipe as one step sees it: its options, models, data and upstream artifacts."""
 
-    def __init__(self, run: "Run", step: Step, out_dir: Path) -> None:
+    def __init__(self, run: "Run", step: Step, out_dir: Path, parent: "StepContext | None" = None) -> None:
         self.run = run
         self.step = step
         self.out_dir = out_dir
+        self.parent = parent  # the step that called this plugin through ``call``
         self.saved_model: Path | None = None
 
     # --- identity ------------------------------------------------------------------------------
@@ -153,13 +154,16 @@ class StepContext:
         opts = _validate_options(manager.schema(plugin, stage), dict(options or {}), where, self.run.recipe.source)
         child_step = Step(self.index, stage, plugin, f"{self.name}/{stage}-{plugin}", models or self.models,
                           self.step.data, {}, None, opts, dict(options or {}))
-        child = StepContext(self.run, child_step, self.out_dir / f"{stage}-{plugin}")
+        child = StepContext(self.run, child_step, self.out_dir / f"{stage}-{plugin}", parent=self)
         child.out_dir.mkdir(parents=True, exist_ok=True)
         return manager.call_stage(plugin, stage, ctx=child)
 
     # --- reporting -----------------------------------------------------------------------------
     @property
     def where(self) -> str:
+        """``step 2 (tune: preference)``; in a called plugin ``step 2 (tune: preference) -> constrain: fpo``."""
+        if self.parent is not None:
+            return f"{self.parent.where} -> {self.stage}: {self.plugin}"
         return f"step {self.index} ({self.stage}: {self.plugin})"
 
     def progress(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:

@@ -145,7 +145,12 @@ def load_examples(spec: DataSpec, seed: int, base_dir: Path | None = None) -> li
     examples = source.load(spec, spec.seed if spec.seed is not None else seed)
     if not examples:
         raise DataError(f"data source {spec.source!r} gave no examples" + (f" ({spec.path})" if spec.path else ""))
-    return examples[: spec.max_samples] if spec.max_samples else examples
+    examples = examples[: spec.max_samples] if spec.max_samples else examples
+    try:
+        example_kind(examples)  # one kind throughout, every field there: fail here, not mid-step
+    except DataError as exc:
+        raise DataError(str(exc), where=spec.path or f"source {spec.source!r}") from None
+    return examples
 
 
 def require_path(spec: DataSpec) -> Path:

@@ -145,7 +145,7 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _check_loading_info(info: dict[str, Any], where: str) -> None:
-    mismatched = list(info.get("mismatched_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [], key=str)
     if mismatched:
         key, *shapes = mismatched[0] if isinstance(mismatched[0], (tuple, list)) else (mismatched[0],)
         detail = f" (checkpoint {list(shapes[0])}, config {list(shapes[1])})" if len(shapes) == 2 else ""

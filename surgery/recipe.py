@@ -77,7 +77,7 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """Parse a recipe file with ``yaml.safe_load``; one-line errors for every way it can fail."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
+        raise RecipeError("recipe file not found", where=str(path))
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -91,9 +91,27 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         raise RecipeError(f"{line}invalid YAML: {problem}", where=str(path)) from None
     if raw is None:
         raise RecipeError("the recipe is empty", where=str(path))
+    _check_duplicate_keys(text, str(path))
     if not isinstance(raw, dict):
         raise RecipeError(f"a recipe must be a mapping of keys, got {type(raw).__name__}", where=str(path))
     return raw
+
+
+def _check_duplicate_keys(text: str, source: str) -> None:
+    """A key written twice in one mapping is an error (``yaml.safe_load`` keeps the last silently)."""
+    stack = [yaml.compose(text, Loader=yaml.SafeLoader)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in seen:
+                        raise RecipeError(f"line {key.start_mark.line + 1}: duplicate key {key.value!r}", where=source)
+                    seen.add(key.value)
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
