@@ -15,6 +15,8 @@ and quadrature nodes/weights ``(t_k, w_k)`` on [0, 1]:
 ``L`` is the objective's per-sample loss; the scores are the mean over samples of per-sample IG.
 Sign convention: IG < 0 means the head lowers the loss (it is useful). The integration points of
 one batch run along the batch dimension, as many per trace as the memory budget allows.
+Under data parallelism (``surgery run --nproc N``) each process attributes its share of the batches
+and the per-sample rows are summed into place over processes, so every output is the 1-process one.
 """
 from __future__ import annotations
 
@@ -285,6 +287,21 @@ def _valid(scores_lu: torch.Tensor, units: list[int]) -> torch.Tensor:
     return torch.cat([scores_lu[l, :u] for l, u in enumerate(units)])
 
 
+def gather_rows(ctx, parts: dict[int, Attribution], rows_per_batch: list[int], sites: Sequence[GateSite],
+                per_layer: bool) -> Attribution:
+    """All batches' per-sample rows in data order. Each data-parallel process fills the rows of its
+    own batches in zero tensors and the all-reduced sum fills the rest (exact: one non-zero term)."""
+    n = sum(rows_per_batch)
+    full = Attribution(torch.zeros(n, len(sites), max(s.units for s in sites), dtype=torch.float64),
+                       torch.zeros(n, dtype=torch.float64), torch.zeros(n, len(sites) if per_layer else 1, dtype=torch.float64))
+    starts = np.cumsum([0, *rows_per_batch])
+    for index, part in parts.items():
+        for field in ("per_sample", "loss_full", "loss_base"):
+            getattr(full, field)[starts[index]:starts[index + 1]] = getattr(part, field).cpu()
+    ctx.all_reduce({"per_sample": full.per_sample, "loss_full": full.loss_full, "loss_base": full.loss_base})
+    return full
+
+
 def loss_function(objective) -> LossFn:
     return lambda logits_btv, batch: objective.loss(logits_btv, batch)
 
@@ -307,14 +324,16 @@ class IG:
         seed = ctx.seed if opts.baseline_seed is None else opts.baseline_seed
         base = baseline_values(opts.baseline, sites, opts.value, seed)
         t_k, w_k = quadrature(opts.quadrature, opts.steps)
-        parts = []
-        for batch in ctx.progress(prepared_batches(ctx, loaded, objective, opts.answer_only), desc=f"ig {opts.mode}"):
+        # every process prepares every batch (the seeded masks agree) and attributes its share of them
+        batches = list(prepared_batches(ctx, loaded, objective, opts.answer_only))
+        if not batches:
+            raise DataError(f"{ctx.where}: the data has no examples")
+        parts = {}
+        for index, batch in ctx.progress(ctx.shard(batches), desc=f"ig {opts.mode}"):
             chunk = points_per_chunk(opts.memory_mb, loaded.module, batch)
             args = (loaded.module, sites, batch, loss_function(objective), base, t_k, w_k, chunk)
-            parts.append(ig_per_layer(*args) if opts.mode == "per-layer" else ig_joint(*args, schedule=opts.schedule))
-        if not parts:
-            raise DataError(f"{ctx.where}: the data has no examples")
-        attribution = Attribution.concat(parts)
+            parts[index] = ig_per_layer(*args) if opts.mode == "per-layer" else ig_joint(*args, schedule=opts.schedule)
+        attribution = gather_rows(ctx, parts, [b["input_ids"].shape[0] for b in batches], sites, opts.mode == "per-layer")
         check = completeness(attribution, per_layer=opts.mode == "per-layer")
         extra = {"mode": opts.mode, "baseline": opts.baseline, "quadrature": opts.quadrature, "steps": opts.steps,
                  "schedule": opts.schedule, "baseline_values": [b.tolist() for b in base]}
