@@ -1,4 +1,5 @@
-"""Data parallelism: a 2-process gloo run gives the artifacts of a 1-process run over the same data."""
+"""Data parallelism: a 2-process gloo run (capture: mean, fam; per-layer IG) gives the artifacts of a
+1-process run over the same data."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ from merge_fixtures import build, perturbed, probe_file, save
 CAPTURE_STEPS = [
     {"capture": {"plugin": "mean", "models": ["a", "b"]}},
     {"capture": {"plugin": "fam", "models": ["a", "b"], "sketch_dim": 32}},
+    {"attribute": {"plugin": "ig", "models": ["a"], "mode": "per-layer", "steps": 4, "keep_per_sample": True}},
 ]
 
 
@@ -74,7 +76,7 @@ def assert_close_figures(a: dict, b: dict) -> None:
                 assert b[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), f"step {step} {key}"
 
 
-def test_two_process_capture_equals_one_process(models_and_probe):
+def test_two_process_capture_and_ig_equal_one_process(models_and_probe):
     base, donor, probe, root = models_and_probe
     recipe = write_recipe(root, {"a": base, "b": donor}, probe, CAPTURE_STEPS)
     one = surgery_run(recipe, root / "one", nproc=1)
