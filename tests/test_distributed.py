@@ -82,3 +82,26 @@ def test_two_process_capture_and_ig_equal_one_process(models_and_probe):
     one = surgery_run(recipe, root / "one", nproc=1)
     two = surgery_run(recipe, root / "two", nproc=2)
     assert_same_artifacts(one, two)
+
+
+def test_fuse_of_multi_shard_checkpoints_writes_shards_that_stock_transformers_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from merge_fixtures import run_steps, tokenizer
+
+    models, inputs = {}, {}
+    for name, seed in (("a", 0), ("b", 1)):
+        model = build("llama", seed)
+        model.save_pretrained(tmp_path / name, max_shard_size="20KB")
+        tokenizer().save_pretrained(tmp_path / name)
+        models[name], inputs[name] = tmp_path / name, model
+        assert len(list((tmp_path / name).glob("*.safetensors"))) > 2  # the inputs really are multi-shard
+    run = run_steps(tmp_path, models, [{"fuse": {"plugin": "linear", "max_shard_mb": 0.02, "as": "merged"}}])
+    merged_dir = next(run.glob("*-fuse-linear")) / "model"
+    shards = sorted(merged_dir.glob("*.safetensors"))
+    assert len(shards) > 2 and (merged_dir / "model.safetensors.index.json").exists()
+    assert max(p.stat().st_size for p in shards) < 2 * 0.02 * 2**20  # one tensor may overflow a cap, not more
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    state_a, state_b = inputs["a"].state_dict(), inputs["b"].state_dict()
+    for name, tensor in merged.state_dict().items():
+        assert torch.allclose(tensor, (state_a[name] + state_b[name]) / 2, atol=1e-7), name
