@@ -7,6 +7,12 @@ process with the `linear` fuse plugin and prints
 
 Goal: at most 1.5 (weights are streamed tensor by tensor; neither model is loaded whole).
 Usage: python benchmarks/merge_memory.py [--hidden 768] [--layers 12] [--vocab 16000]
+
+With ``--sizes`` it instead merges multi-shard checkpoints (``save_pretrained(max_shard_size=...)``)
+of two model sizes 4x apart (hidden and vocabulary doubled) into small output shards, and prints for
+each size the peak RSS above the post-import baseline next to the bound (models + 1) x the largest
+input shard: memory follows the shard size, not the model size.
+Usage: python benchmarks/merge_memory.py --sizes [--hidden 256] [--layers 8] [--vocab 8000]
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ print(json.dumps({"after_imports_kib": after_imports, "peak_kib": rss_kib("VmHWM
 """
 
 
-def make_checkpoints(root: Path, hidden: int, layers: int, vocab: int) -> list[Path]:
+def make_checkpoints(root: Path, hidden: int, layers: int, vocab: int, max_shard_size: str | None = None) -> list[Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -50,10 +56,46 @@ def make_checkpoints(root: Path, hidden: int, layers: int, vocab: int) -> list[P
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
         path = root / f"model-{seed}"
-        model.save_pretrained(path)
+        model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
         paths.append(path)
         del model
     return paths
+
+
+def merge_peak(root: Path, models: list[Path], max_shard_mb: float | None) -> dict:
+    """Run a linear fuse of ``models`` in a fresh process; its RSS after imports, peak and seconds."""
+    names = {f"m{i}": path for i, path in enumerate(models)}
+    shard = f", max_shard_mb: {max_shard_mb}" if max_shard_mb else ""
+    recipe = root / "merge.yaml"
+    listed = ", ".join(f"{k}: {v}" for k, v in names.items())
+    recipe.write_text(f"models: {{{listed}}}\nsteps:\n  - fuse: {{plugin: linear{shard}}}\noutput: {root / 'run'}\n")
+    out = subprocess.run([sys.executable, "-c", CHILD, str(recipe)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare_sizes(hidden: int, layers: int, vocab: int, input_shard_mb: int, max_shard_mb: float) -> None:
+    """Two sizes 4x apart, multi-shard inputs, small output shards: peak vs (models + 1) x largest shard."""
+    rows = []
+    for scale in (1, 2):  # hidden and vocabulary doubled: 4x the parameters
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            models = make_checkpoints(root, hidden * scale, layers, vocab * scale, f"{input_shard_mb}MB")
+            shard_sizes = [p.stat().st_size for m in models for p in m.glob("*.safetensors")]
+            out_dir = root / "run"
+            stats = merge_peak(root, models, max_shard_mb)
+            out_shards = len(list(out_dir.rglob("model*.safetensors")))
+        extra = (stats["peak_kib"] - stats["after_imports_kib"]) * 1024
+        bound = (len(models) + 1) * max(shard_sizes)
+        rows.append((sum(shard_sizes) / len(models), len(shard_sizes) // len(models), max(shard_sizes), out_shards,
+                     extra, bound, stats["seconds"]))
+    print(f"inputs: save_pretrained(max_shard_size='{input_shard_mb}MB'); fuse: linear, max_shard_mb={max_shard_mb}; 2 models")
+    print(f"{'model MiB':>10} {'in shards':>9} {'largest MiB':>11} {'out shards':>10} {'peak-base MiB':>13} "
+          f"{'bound MiB':>9} {'peak/bound':>10} {'seconds':>7}")
+    for size, shards, largest, out_shards, extra, bound, seconds in rows:
+        print(f"{size / 2**20:>10.1f} {shards:>9d} {largest / 2**20:>11.1f} {out_shards:>10d} {extra / 2**20:>13.1f} "
+              f"{bound / 2**20:>9.1f} {extra / bound:>10.3f} {seconds:>7.2f}")
+    print(f"model size ratio {rows[1][0] / rows[0][0]:.2f}x; peak-above-baseline ratio {rows[1][4] / max(rows[0][4], 1):.2f}x"
+          f"; both below bound: {all(r[4] < r[5] for r in rows)}")
 
 
 def main() -> None:
@@ -62,7 +104,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=16000)
     parser.add_argument("--max-shard-mb", type=float, default=None)
+    parser.add_argument("--sizes", action="store_true", help="compare two model sizes 4x apart (multi-shard inputs)")
+    parser.add_argument("--input-shard-mb", type=int, default=40, help="--sizes: input checkpoint shard size")
     args = parser.parse_args()
+    if args.sizes:
+        compare_sizes(args.hidden, args.layers, args.vocab, args.input_shard_mb, args.max_shard_mb or 8.0)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         a, b = make_checkpoints(root, args.hidden, args.layers, args.vocab)
