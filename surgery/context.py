@@ -75,14 +75,10 @@ class StepContext:
         """``save_pretrained`` ``module`` (safetensors) with the tokenizer/side files of model ``like``."""
         target = self.out_dir / MODEL_SUBDIR
         guards.check_module(f"{self.step.output_model or like} (saved by this step)", module)
-        module.save_pretrained(target, safe_serialization=True)
-        source = self.run.model_path(like)
-        tokenizer = self.run.model(like).tokenizer if like in self.run.loaded else None
-        if tokenizer is not None:
-            tokenizer.save_pretrained(target)
-        else:
-            copy_side_files(source, target)
-            module.config.save_pretrained(target)
+        # the tokenizer's files are copied as they are, never re-serialised from a loaded tokenizer,
+        # so the bytes do not depend on what this process happened to load before
+        copy_side_files(self.run.model_path(like), target)
+        module.save_pretrained(target, safe_serialization=True)  # config and weights of `module`
         self.saved_model = target
         return target
 

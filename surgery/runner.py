@@ -143,12 +143,14 @@ class Run:
 
     def _discard_partial(self, created: bool, exc: Exception) -> None:
         """After a failed step: remove its temporary directory, and the run directory if this run
-        made it and nothing in it finished."""
+        made it and it holds nothing else but the log (no finished step, no resumable state such as
+        a tune step's checkpoints)."""
         if self._partial is not None:
             shutil.rmtree(self._partial, ignore_errors=True)
         if distributed.rank() != 0:
             return
-        if created and not self.finished:
+        left = {path.name for path in self.output.iterdir()} if self.output.is_dir() else set()
+        if created and left <= {LOG_FILE, REPORT_FILE}:
             shutil.rmtree(self.output, ignore_errors=True)
         else:
             self.log(f"failed: {exc}")
