@@ -9,10 +9,10 @@ Goal: at most 1.5 (weights are streamed tensor by tensor; neither model is loade
 Usage: python benchmarks/merge_memory.py [--hidden 768] [--layers 12] [--vocab 16000]
 
 With ``--sizes`` it instead merges multi-shard checkpoints (``save_pretrained(max_shard_size=...)``)
-of two model sizes 4x apart (hidden and vocabulary doubled) into small output shards, and prints for
+of two model sizes 4x apart (4x the layers, so the largest tensor stays the same) into small output shards, and prints for
 each size the peak RSS above the post-import baseline next to the bound (models + 1) x the largest
 input shard: memory follows the shard size, not the model size.
-Usage: python benchmarks/merge_memory.py --sizes [--hidden 256] [--layers 8] [--vocab 8000]
+Usage: python benchmarks/merge_memory.py --sizes --hidden 256 --layers 16 --vocab 2000
 """
 from __future__ import annotations
 
@@ -76,10 +76,10 @@ def merge_peak(root: Path, models: list[Path], max_shard_mb: float | None) -> di
 def compare_sizes(hidden: int, layers: int, vocab: int, input_shard_mb: int, max_shard_mb: float) -> None:
     """Two sizes 4x apart, multi-shard inputs, small output shards: peak vs (models + 1) x largest shard."""
     rows = []
-    for scale in (1, 2):  # hidden and vocabulary doubled: 4x the parameters
+    for scale in (1, 4):  # 4x the layers: 4x the parameters, the same largest tensor
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            models = make_checkpoints(root, hidden * scale, layers, vocab * scale, f"{input_shard_mb}MB")
+            models = make_checkpoints(root, hidden, layers * scale, vocab, f"{input_shard_mb}MB")
             shard_sizes = [p.stat().st_size for m in models for p in m.glob("*.safetensors")]
             out_dir = root / "run"
             stats = merge_peak(root, models, max_shard_mb)

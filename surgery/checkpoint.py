@@ -1,7 +1,8 @@
 """Stream tensors out of and into Hugging Face safetensors checkpoints, one tensor at a time.
 
-Weight-space merges read each tensor from every input through memory-mapped ``safe_open`` and
-write the result shard by shard, so no whole model is ever materialised.
+Weight-space merges read each tensor from every input with plain file reads (no memory map, so
+pages of the inputs never stay resident) and write the result shard by shard, so no whole model
+is ever materialised.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from safetensors import safe_open
 
 from surgery import guards
 from surgery.errors import ModelError
-from surgery.io import atomic_path, write_json, write_tensors
+from surgery.io import atomic_path, write_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -41,12 +42,7 @@ class CheckpointReader:
         file = self._file_of.get(name)
         if file is None:
             raise ModelError(f"{self.directory}: no tensor named {name!r}")
-        # a handle per read: closing it unmaps the file, so resident memory stays one tensor deep
-        try:
-            with safe_open(str(self.directory / file), framework="pt") as handle:
-                tensor = handle.get_tensor(name)
-        except Exception as exc:  # safetensors raises its own error types for truncated files
-            raise ModelError(f"{self.directory / file}: cannot read tensor {name!r} ({_first_line(exc)})") from None
+        tensor = _read_tensor(self.directory / file, name)
         guards.check_tensor(f"checkpoint {self.directory}: tensor {name}{guards.layer_note(name)}", tensor)
         return tensor
 
@@ -54,11 +50,63 @@ class CheckpointReader:
         file = self._file_of.get(name)
         if file is None:
             raise ModelError(f"{self.directory}: no tensor named {name!r}")
-        try:
-            with safe_open(str(self.directory / file), framework="pt") as handle:
-                return list(handle.get_slice(name).get_shape())
-        except Exception as exc:
-            raise ModelError(f"{self.directory / file}: cannot read tensor {name!r} ({_first_line(exc)})") from None
+        return list(_header(self.directory / file, name)["shape"])
+
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _header(path: Path, name: str) -> dict:
+    """The safetensors header entry of ``name``, with ``data_offsets`` made absolute."""
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        entry = dict(header[name])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path}: cannot read tensor {name!r} ({_first_line(exc)})") from None
+    begin, end = entry["data_offsets"]
+    entry["data_offsets"] = (8 + size + begin, 8 + size + end)
+    return entry
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file tensor by tensor from each tensor's own memory (no serialised copy)."""
+    names = {dtype: code for code, dtype in DTYPES.items()}
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for tensor in tensors.values():
+            handle.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+
+
+def _read_tensor(path: Path, name: str) -> torch.Tensor:
+    """Read one tensor with ``readinto`` straight into its own storage."""
+    entry = _header(path, name)
+    if entry["dtype"] not in DTYPES:
+        raise ModelError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+    tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+    begin, end = entry["data_offsets"]
+    if tensor.numel() * tensor.element_size() != end - begin:
+        raise ModelError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {entry['shape']}")
+    with open(path, "rb") as handle:
+        handle.seek(begin)
+        read = handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+    if read != end - begin:
+        raise ModelError(f"{path}: truncated file (tensor {name!r} needs {end - begin} bytes, got {read})")
+    return tensor
 
 
 def _tensor_files(directory: Path) -> dict[str, str]:
@@ -111,7 +159,7 @@ class CheckpointWriter:
         if not self._pending:
             return
         file = f"model-{len(self._shards) + 1:05d}.safetensors"
-        write_tensors(self.directory / file, self._pending, metadata={"format": "pt"})
+        write_shard(self.directory / file, self._pending, metadata={"format": "pt"})
         self._shards.append(list(self._pending))
         self._weight_map.update({name: file for name in self._pending})
         self._pending, self._pending_bytes = {}, 0

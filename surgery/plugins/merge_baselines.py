@@ -84,6 +84,7 @@ def stream_merge_named(ctx, combine: Callable[[str, list[torch.Tensor]], torch.T
         tensors = [first.float()] + [r.get(source).float() for r, source in zip(readers[1:], sources)]
         writer.add(name, combine(name, tensors).to(first.dtype))
         merged += first.numel()
+        del first, tensors  # free the inputs before the next tensor is read
     model_dir = writer.close()
     unused = {donor: len(names) for donor, names in plan.unused.items() if names}
     meta = {"models": ctx.models, "map": tensor_map.name, "unused_donor_tensors": unused}
