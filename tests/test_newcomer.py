@@ -1,0 +1,134 @@
+"""The newcomer path: every `surgery` command in the code blocks of README.md and docs/**/*.md runs
+as written (in a fresh working directory holding the repository's recipes/), and `surgery init`,
+an edit of one line that swaps the method, then `surgery run` works.
+
+What is not run, and why:
+- `./setup.sh` and `.venv/bin/python -m pytest` (README): they are not `surgery` commands; the
+  first creates the environment this test runs in, the second is this test suite.
+- the commands in SKIPPED below.
+Commands in SLOW get a few options appended (later options win) so they take seconds, not minutes.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+SURGERY = ("surgery", ".venv/bin/surgery")
+SHELL_BLOCKS = ("", "bash", "sh", "shell", "console")
+
+SKIPPED = {
+    "surgery zoo build": "trains every zoo entry (minutes on an empty cache); `surgery zoo build tiny-llama/task-a -j 1` is run",
+    "surgery sae train builtin:tiny-llama/base --out sae_standard": "not a whole command: '(same data options)' stands for the options of the one above",
+}
+SLOW = {  # command prefix -> options appended
+    "surgery run recipes/ig.yaml": ["--set", "steps.0.steps=4", "--set", "data.probe.n=8", "--set", "data.heldout.n=16", "--set", "steps.2.n=16"],
+    "surgery run recipes/ig-joint.yaml": ["--set", "steps.0.steps=4", "--set", "data.probe.n=8", "--set", "data.heldout.n=16", "--set", "steps.2.n=16"],
+    "surgery run recipes/linear.yaml": ["--set", "steps.1.n=32", "--set", "data.heldout.n=32"],
+    "surgery run merge.yaml": ["--set", "steps.1.n=32"],
+    "surgery sae train builtin:tiny-llama/base --out sae_topk": ["--epochs", "1", "--max-samples", "64"],
+}
+NEEDS = {  # command prefix -> commands whose output it reads
+    "surgery report runs/ig": ["surgery run recipes/ig.yaml"],
+    "surgery compare runs/ig runs/ig-joint": ["surgery run recipes/ig.yaml", "surgery run recipes/ig-joint.yaml"],
+}
+
+
+def doc_commands(doc: Path) -> list[tuple[int, str]]:
+    """``(line, command)`` for every `surgery` command in the shell code blocks of ``doc``."""
+    found, block, pending, start = [], None, "", 0
+    for number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+        fence = re.match(r"^\s*```(\w*)\s*$", line)
+        if fence:
+            block = None if block is not None else fence.group(1)
+            continue
+        if block not in SHELL_BLOCKS:
+            continue
+        pending, start = (pending + " " + line.strip(), start) if pending else (line.strip(), number)
+        if pending.endswith("\\"):
+            pending = pending[:-1]
+            continue
+        for part in pending.split("&&"):
+            words = shlex.split(part, comments=True)
+            if words and words[0] in SURGERY:
+                found.append((start, shlex.join(["surgery", *words[1:]])))
+        pending = ""
+    return found
+
+
+def matching(table: dict, command: str):
+    return next((value for prefix, value in table.items() if command == prefix or command.startswith(prefix + " ")), None)
+
+
+ALL = {doc: doc_commands(doc) for doc in DOCS}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_command(command: str, surgery_cli) -> None:
+    args = shlex.split(command)[1:] + (matching(SLOW, command) or [])
+    result = surgery_cli(*args)
+    assert result.exit_code == 0, f"`{command}` exited {result.exit_code}: {result.err.strip()[-2000:]}"
+    assert "Traceback" not in result.err, result.err
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if ALL[d]], ids=lambda d: str(d.relative_to(ROOT)))
+def test_doc_commands_run(doc, tmp_path, monkeypatch, surgery_cli):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    done: set[str] = set()
+    for line, command in ALL[doc]:
+        if matching(SKIPPED, command):
+            continue
+        for needed in matching(NEEDS, command) or []:
+            if needed not in done:
+                run_command(needed, surgery_cli)
+                done.add(needed)
+        try:
+            run_command(command, surgery_cli)
+        except AssertionError as exc:
+            raise AssertionError(f"{doc.relative_to(ROOT)}:{line}: {exc}") from None
+        done.add(command)
+
+
+def test_extraction_finds_the_readme_commands():
+    commands = [command for _, command in ALL[ROOT / "README.md"]]
+    assert "surgery run recipes/quickstart.yaml" in commands  # from `./setup.sh && .venv/bin/surgery run ...`
+    assert "surgery init merge" in commands and "surgery run merge.yaml --set steps.0.plugin=ties" in commands
+    assert sum(len(found) for found in ALL.values()) >= 15
+
+
+def test_every_exception_names_a_documented_command():
+    documented = [command for found in ALL.values() for _, command in found]
+    documented += [command for needed in NEEDS.values() for command in needed]
+    for table in (SKIPPED, SLOW, NEEDS):
+        for prefix in table:
+            assert any(c == prefix or c.startswith(prefix + " ") for c in documented), f"{prefix!r} is no longer documented"
+
+
+@pytest.mark.parametrize("template,old,new", [
+    ("merge", "plugin: linear", "plugin: ties"),
+    ("attribute", "plugin: ig", "plugin: grad-x-act"),
+])
+def test_init_edit_one_line_run(template, old, new, tmp_path, monkeypatch, surgery_cli):
+    monkeypatch.chdir(tmp_path)
+    assert surgery_cli("init", template).exit_code == 0
+    recipe = tmp_path / f"{template}.yaml"
+    lines = recipe.read_text().splitlines(keepends=True)
+    edited = [line.replace(old, new) if old in line and not line.lstrip().startswith("#") else line for line in lines]
+    assert sum(a != b for a, b in zip(lines, edited)) == 1  # one line swaps the method
+    recipe.write_text("".join(edited))
+    result = surgery_cli("run", recipe.name)
+    assert result.exit_code == 0, result.err
+    assert new.split(": ")[1] in result.out and "Traceback" not in result.err
