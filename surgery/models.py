@@ -122,13 +122,15 @@ def load_model(name: str, spec: ModelSpec, device: str | torch.device = "cpu") -
             model_class = _model_class(config)
             module, info = model_class.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except Exception as exc:  # transformers and safetensors raise many types for a bad checkpoint
-        raise ModelError(f"{where}: {_first_line(exc)}") from None
+        hint = "; set `trust_remote_code: true` on this model in the recipe only if you trust that code" \
+            if "custom code" in str(exc) and not spec.trust_remote_code else ""
+        raise ModelError(f"{where}: {_first_line(exc)}{hint}") from None
     _check_loading_info(info, where)
     if not spec.device_map:
         module.to(device)
     module.eval()
     _restore_attention_direction(module)
-    tokenizer = _load_tokenizer(path)
+    tokenizer = _load_tokenizer(path, spec.trust_remote_code)
     return LoadedModel(name, module, tokenizer, Path(path) if isinstance(path, Path) else None, fingerprint(path))
 
 
@@ -177,11 +179,11 @@ def _model_class(config: Any) -> Any:
     return transformers.AutoModelForCausalLM
 
 
-def _load_tokenizer(path: Path | str) -> Any:
+def _load_tokenizer(path: Path | str, trust_remote_code: bool = False) -> Any:
     import transformers
 
     try:
-        return transformers.AutoTokenizer.from_pretrained(path)
+        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
         return None
 

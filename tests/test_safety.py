@@ -49,3 +49,55 @@ def test_remote_code_never_trusted_by_default():
     assert hits == []
     models = (PACKAGE / "models.py").read_text()
     assert "trust_remote_code: bool = False" in models
+
+
+def test_numpy_never_unpickles():
+    assert offending(r"\bnp\.load\(|\bnumpy\.load\(", allowed=r"allow_pickle\s*=\s*False") == []
+
+
+def test_no_shell_commands():
+    assert offending(r"shell\s*=\s*True|\bos\.system\(|\bos\.popen\(") == []
+
+
+def test_tokenizers_get_the_recipe_trust_flag():
+    models = (PACKAGE / "models.py").read_text()
+    assert "AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)" in models
+    assert "_load_tokenizer(path, spec.trust_remote_code)" in models
+
+
+REMOTE_CODE = Path(__file__).parent / "bad_inputs" / "models" / "remote-code"
+
+
+def test_remote_code_runs_only_when_the_recipe_trusts_it(tmp_path, monkeypatch):
+    """A checkpoint whose config maps to its own Python file: refused (the file never imported)
+    unless its spec says trust_remote_code: true, when the file is imported."""
+    import pytest
+
+    from surgery.errors import ModelError
+    from surgery.models import ModelSpec, load_model
+
+    checkpoint = tmp_path / "remote-code"
+    checkpoint.mkdir()
+    for file in REMOTE_CODE.iterdir():
+        (checkpoint / file.name).write_text(file.read_text())
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(ModelError, match="custom code.*trust_remote_code: true"):
+        load_model("m", ModelSpec(path=str(checkpoint)))
+    assert not (work / "remote-code-ran").exists()
+    import sys
+
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # not the user's cache
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    try:
+        with pytest.raises(ModelError):  # the code runs, then fails: it defines no real model
+            load_model("m", ModelSpec(path=str(checkpoint), trust_remote_code=True))
+    finally:
+        for name in set(sys.modules) - before:
+            if name.startswith("transformers_modules"):
+                del sys.modules[name]
+    assert (work / "remote-code-ran").exists()
