@@ -14,6 +14,7 @@ Prints, measured in one run on the same model and input:
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -29,10 +30,39 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     fn()  # warm-up: the first trace at a code site is parsed and cached
     times, result = [], None
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         result = fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return min(times), result  # best of the repeats: the least disturbed by other processes
+
+
+def paired(fast, slow, repeats: int) -> tuple[float, float, float, object, object]:
+    """Best times of ``fast`` and ``slow`` run alternately, and the median of the per-pair ratios
+    slow/fast (robust to load that changes during the run)."""
+    fast(), slow()
+    ratios, fast_times, slow_times = [], [], []
+    for _ in range(repeats):
+        t_fast, a = timed_once(fast)
+        t_slow, b = timed_once(slow)
+        fast_times.append(t_fast)
+        slow_times.append(t_slow)
+        ratios.append(t_slow / t_fast)
+    return min(fast_times), min(slow_times), statistics.median(ratios), a, b
+
+
+def timed_once(fn) -> tuple[float, object]:
+    _sync()
+    start = time.perf_counter()
+    result = fn()
+    _sync()
+    return time.perf_counter() - start, result
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -45,6 +75,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,9 +83,9 @@ def main() -> None:
     config = LlamaConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.heads, max_position_embeddings=max(64, args.seq))
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval().to(args.device)
     sites = head_sites(view(model))
-    ids = torch.randint(0, 1024, (args.batch, args.seq))
+    ids = torch.randint(0, 1024, (args.batch, args.seq)).to(args.device)
     objective = get_objective("causal-lm")
     batch = objective.prepare({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.Generator())
     loss_fn = objective.loss
@@ -63,12 +94,14 @@ def main() -> None:
     everything = 10**6
 
     print(f"Llama {args.layers} layers x {args.heads} heads, hidden {args.hidden}; batch {args.batch} x seq {args.seq}; "
-          f"{args.points} points; torch threads {torch.get_num_threads()}")
-    joint_batched, a = timed(lambda: ig_joint(model, sites, batch, loss_fn, base, t, w, everything), args.repeats)
-    joint_loop, b = timed(lambda: ig_joint(model, sites, batch, loss_fn, base, t, w, 1), args.repeats)
+          f"{args.points} points; device {args.device}, torch threads {torch.get_num_threads()}")
+    joint_batched, joint_loop, joint_ratio, a, b = paired(
+        lambda: ig_joint(model, sites, batch, loss_fn, base, t, w, everything),
+        lambda: ig_joint(model, sites, batch, loss_fn, base, t, w, 1), args.repeats)
     joint_diff = float((a.per_sample - b.per_sample).abs().max())
-    layer_batched, c = timed(lambda: ig_per_layer(model, sites, batch, loss_fn, base, t, w, everything), args.repeats)
-    layer_loop, d = timed(lambda: ig_per_layer(model, sites, batch, loss_fn, base, t, w, 1), args.repeats)
+    layer_batched, layer_loop, layer_ratio, c, d = paired(
+        lambda: ig_per_layer(model, sites, batch, loss_fn, base, t, w, everything),
+        lambda: ig_per_layer(model, sites, batch, loss_fn, base, t, w, 1), args.repeats)
     layer_diff = float((c.per_sample - d.per_sample).abs().max())
 
     def plain_step() -> None:
@@ -76,15 +109,14 @@ def main() -> None:
         loss_fn(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch).sum().backward()
 
     plain, _ = timed(plain_step, args.repeats)
+    joint_again, _ = timed(lambda: ig_joint(model, sites, batch, loss_fn, base, t, w, everything), args.repeats)
     model.zero_grad(set_to_none=True)
     # the joint run also evaluates its two endpoints (forward only); count them as points too
-    per_point = joint_batched / (args.points + 2)
+    per_point = min(joint_batched, joint_again) / (args.points + 2)
 
-    print(f"{'':<28}{'batched':>10}{'loop':>10}{'loop/batched':>14}{'max |diff|':>12}")
-    print(f"{'joint IG':<28}{joint_batched * 1e3:>8.1f}ms{joint_loop * 1e3:>8.1f}ms{joint_loop / joint_batched:>13.2f}x"
-          f"{joint_diff:>12.1e}")
-    print(f"{'per-layer IG':<28}{layer_batched * 1e3:>8.1f}ms{layer_loop * 1e3:>8.1f}ms{layer_loop / layer_batched:>13.2f}x"
-          f"{layer_diff:>12.1e}")
+    print(f"{'':<28}{'batched':>10}{'loop':>10}{'loop/batched':>14}{'max |diff|':>12}   (best times; median ratio of pairs)")
+    print(f"{'joint IG':<28}{joint_batched * 1e3:>8.1f}ms{joint_loop * 1e3:>8.1f}ms{joint_ratio:>13.2f}x{joint_diff:>12.1e}")
+    print(f"{'per-layer IG':<28}{layer_batched * 1e3:>8.1f}ms{layer_loop * 1e3:>8.1f}ms{layer_ratio:>13.2f}x{layer_diff:>12.1e}")
     print(f"plain forward+backward      {plain * 1e3:8.1f}ms")
     print(f"time per integration point  {per_point * 1e3:8.1f}ms = {per_point / plain:.2f} x plain forward+backward")
 

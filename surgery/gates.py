@@ -151,21 +151,23 @@ def evaluate_points(model: torch.nn.Module, sites: Sequence[GateSite], batch: di
         if grad_sites_ps is not None:
             wanted = grad_sites_ps[start:stop].any(dim=0).tolist()
             active = [a or w for a, w in zip(active, wanted)]
-        gates = [g.repeat_interleave(rows, dim=0) if a else None for g, a in zip(chunk, active)]
+        device = batch["input_ids"].device
+        gates = [g.repeat_interleave(rows, dim=0).to(device) if a else None for g, a in zip(chunk, active)]
         batch_r = repeat_rows(batch, stop - start)
         n = stop - start
         if grad_sites_ps is None:
             loss_r = gated_losses(model, sites, batch_r, gates, loss_fn)
-            yield PointChunk(start, stop, loss_r.view(n, rows), [None] * len(sites))
+            yield PointChunk(start, stop, loss_r.view(n, rows).cpu(), [None] * len(sites))
             continue
         result = gate_gradients(model, sites, batch_r, gates, loss_fn)
-        grads = [None if g is None else g.view(n, rows, -1) for g in result.grads]
-        yield PointChunk(start, stop, result.loss_r.view(n, rows), grads)
+        grads = [None if g is None else g.view(n, rows, -1).cpu() for g in result.grads]
+        yield PointChunk(start, stop, result.loss_r.view(n, rows).cpu(), grads)
 
 
 @dataclass
 class PointChunk:
-    """Points ``start..stop`` of an :func:`evaluate_points` call: losses ``[n, B]``, grads ``[n, B, units]``."""
+    """Points ``start..stop`` of an :func:`evaluate_points` call: losses ``[n, B]``, grads ``[n, B, units]``
+    (on the CPU, whatever the model's device)."""
 
     start: int
     stop: int

@@ -225,10 +225,10 @@ def compact_model(model: torch.nn.Module, view: ModelView, head_keep: Sequence[S
             inter.append(mlp.intermediate_size)
     config = _compact_config(model, family, heads, kv_heads, inter)
     model_class = _compact_class(model, config)
-    compact = model_class(config)
+    compact = model_class(config).to(dtype=next(model.parameters()).dtype)
     compact.load_state_dict(state, strict=True)
     compact.tie_weights()
-    return compact.to(dtype=next(model.parameters()).dtype).eval()
+    return compact.eval()
 
 
 def gqa_consistent(keep: Sequence[int], heads: int, kv_heads: int, layer: int) -> list[int]:

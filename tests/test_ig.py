@@ -326,7 +326,7 @@ def test_recipes_validate():
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     mine = ["ig", "ig-joint", "ig-grad-x-act", "attribution-baselines", "ig-diffusion", "prune-random",
             "prune-random-diffusion", "prune-compact", "prune-compact-random", "ig-smollm2",
-            "prune-random-smollm2", "ig-smollm2-samples"]
+            "prune-random-smollm2", "ig-smollm2-samples", "ig-samples"]
     for name in mine:
         recipe = load_recipe(recipes / f"{name}.yaml", get_manager())
         assert recipe.steps
