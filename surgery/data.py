@@ -214,7 +214,9 @@ def batches(
       the answer multiply by ``answer_mask``.
     - preference examples (``prompt``, ``chosen``, ``rejected``): the batch holds the keys above
       twice, prefixed ``chosen_`` and ``rejected_`` (prompt + that response, with ``answer_mask``
-      on the response); ``split_preference`` separates them.
+      on the response); ``split_preference`` separates them. The chosen side is there a third time
+      without a prefix (prompt + chosen is the example's ``text``), so a step that reads plain
+      sequences (a capture, an attribution) works on preference data too.
     - ``pixel_values`` of the examples are stacked into [B, ...].
     - ``mask_token_id`` (an int) when the tokenizer has a mask token, for masked objectives.
     """
@@ -231,6 +233,8 @@ def batches(
                 texts = [ex["prompt"] + ex[side] for ex in chunk]
                 padded = _pad(_encode_answers(tokenizer, prompts, texts, max_tokens, start), pad_id, with_answer=True)
                 batch.update({f"{side}_{key}": value for key, value in padded.items()})
+                if side == "chosen":
+                    batch.update(padded)
         elif kind == "prompt":
             prompts = [ex["prompt"] for ex in chunk]
             texts = [ex.get("text") or ex["prompt"] + ex["answer"] for ex in chunk]
@@ -259,6 +263,8 @@ def split_preference(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
 
 def ensure_pad_token(tokenizer: Any) -> int:
     """The pad token id; sets pad = EOS on a tokenizer that has no pad token."""
+    if tokenizer is None:
+        raise DataError("the model has no tokenizer (no tokenizer files in its directory) to encode the data with")
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise DataError("the tokenizer has neither a pad nor an EOS token to pad batches with")

@@ -215,3 +215,19 @@ def test_capture_ignores_all_padding_rows_and_batches(weighting):
             assert torch.equal(padded_twice[group].sums[key], value), key  # an all-padding batch adds nothing
             torch.testing.assert_close(row_added[group].sums[key], value, rtol=1e-5, atol=1e-6)  # nor does a row
         assert row_added[group].count == alone[group].count
+
+
+def test_preference_batches_carry_the_chosen_side_as_plain_sequences():
+    """A capture or attribution step given preference data reads prompt + chosen (the examples'
+    text), the same tensors as the ``chosen_`` keys the tune step uses."""
+    from merge_fixtures import tokenizer as zoo_tokenizer
+
+    from surgery.data import batches, split_preference
+
+    examples = [{"prompt": "copy: 1 2 = ", "chosen": "1 2", "rejected": "2 1"},
+                {"prompt": "sort: 3 1 = ", "chosen": "1 3", "rejected": "3 1 1"}]
+    batch = next(batches(examples, zoo_tokenizer(), 2, 32))
+    chosen, rejected = split_preference(batch)
+    for key in ("input_ids", "attention_mask", "labels", "answer_mask"):
+        assert torch.equal(batch[key], chosen[key])
+    assert not torch.equal(rejected["attention_mask"].sum(1), chosen["attention_mask"].sum(1))

@@ -86,6 +86,9 @@ def damage(directory: Path, spec: dict) -> None:
         else:
             tensors[spec["tensor"]][0, 0] = float(spec["damage"])
         save_file(tensors, str(weights), metadata={"format": "pt"})
+    elif spec["damage"] == "no-tokenizer":
+        for path in directory.glob("*token*"):
+            path.unlink()
     elif spec["damage"] == "config":
         config = json.loads((directory / "config.json").read_text())
         (directory / "config.json").write_text(json.dumps({**config, **spec["config"]}))
