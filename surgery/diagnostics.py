@@ -190,8 +190,8 @@ def report(run_dir: Path, step: str | None = None) -> dict[str, Any]:
     for directory in step_dirs(run_dir):
         meta = read_json(directory / META_FILE).get("meta", {})
         if "objective_before" in meta:
-            keys = ("strategy", "target", "output", "fraction", "objective_before", "objective_after",
-                    "params_removed", "params_before", "curve")
+            keys = ("strategy", "target", "output", "fraction", "fraction_pruned", "objective_before",
+                    "objective_after", "params_removed", "params_before", "curve")
             out["prune"].append({"step": directory.name, **{k: meta.get(k) for k in keys}})
     return out
 
@@ -232,8 +232,9 @@ def format_report(rep: dict[str, Any]) -> str:
                 lines.append("  Pearson matrix")
                 lines += ["    " + " ".join(f"{x:6.3f}" for x in row) for row in sim["pearson_matrix"]]
     for entry in rep["prune"]:
+        requested = f" (requested {_fmt(entry['fraction'])})" if entry.get("fraction") is not None else ""
         lines.append(f"\n{entry['step']}: {entry['strategy']} prune of {entry['target']} ({entry['output']}), "
-                     f"fraction {_fmt(entry['fraction'])}")
+                     f"{_fmt(entry.get('fraction_pruned'))} pruned{requested}")
         lines.append(f"  objective {_fmt(entry['objective_before'])} -> {_fmt(entry['objective_after'])}, "
                      f"parameters removed {entry['params_removed']} of {entry['params_before']}")
     if not rep["attribution"] and not rep["prune"]:

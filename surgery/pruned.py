@@ -107,12 +107,14 @@ class _PerLayerSizes:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *args: Any, **kwargs: Any):
-        if kwargs.get("ignore_mismatched_sizes"):
-            raise ModelError(f"{cls.__name__} loads only tensors of the exact shapes its config declares")
+        """Load from safetensors after checking every tensor's shape (so a mismatch never gets
+        re-initialised, whatever ``ignore_mismatched_sizes`` says)."""
         kwargs["use_safetensors"] = True
         if Path(path).is_dir():
             config = kwargs.get("config") or AutoConfig.from_pretrained(path)
             check_shapes(Path(path), cls, config)
+        elif kwargs.get("ignore_mismatched_sizes"):
+            raise ModelError(f"{cls.__name__} loads only tensors of the exact shapes its config declares")
         return super().from_pretrained(path, *args, **kwargs)
 
 

@@ -22,8 +22,9 @@ units pruned first come first; a plan prunes the first ``round(fraction * units)
 Outputs: ``masked`` (pruned heads' columns of the output projection and pruned neurons'
 down-projection columns zeroed; stock ``from_pretrained`` loads it) or ``compact`` (weights sliced,
 :mod:`surgery.pruned`). For compact GQA layers each KV group loses the same number of query heads
-(``round(k / kv_heads)`` per group, the group's first in the order) and every layer keeps at least one
-head and one neuron, so the actual fraction can differ a little from the requested one.
+(the plan's number of pruned heads is filled with "slices", the j-th head of every group of a layer,
+best mean position in the order first) and every layer keeps at least one head and one neuron, so the actual
+fraction can differ a little from the requested one.
 Every prune reports the objective before and after (gated model and saved model), the parameters
 removed and the prune curve (objective vs fraction pruned, JSON and PNG).
 """
@@ -131,22 +132,54 @@ def ranks_of(units: Units, order: Sequence[int]) -> torch.Tensor:
 
 
 def compactable(units: Units, mask: Mask, ranks: torch.Tensor) -> Mask:
-    """Adjust a plan so it can be compacted: equal heads per KV group, >= 1 unit kept per layer."""
+    """Adjust a plan so it can be compacted: equal heads per KV group, >= 1 unit kept per layer.
+
+    A GQA layer can only lose ``p`` query heads from every one of its ``g`` KV groups (``p`` < group
+    size). Its candidate *slices* are "the j-th head of every group" (heads ranked by the order within
+    their group), each ranked by its heads' mean position in the order; the plan keeps its number of
+    pruned GQA heads and fills it with the best-ranked slices (to the nearest slice).
+    """
     mask = mask.clone()
+    per_group = _heads_per_group(units, mask, ranks)
     for l, n in enumerate(units.counts):
         layer_ranks = ranks[l, :n].tolist()
         attn = units.view.layers[l].attn
-        if units.target == "heads" and attn.num_kv_heads < attn.num_heads:
+        if l in per_group:
             groups, size = attn.num_kv_heads, attn.num_heads // attn.num_kv_heads
-            per_group = min(size - 1, round(int(mask[l, :n].sum()) / groups))
             mask[l, :n] = False
             for g in range(groups):
                 members = sorted(range(g * size, (g + 1) * size), key=lambda h: (layer_ranks[h], h))
-                for h in members[:per_group]:
+                for h in members[:per_group[l]]:
                     mask[l, h] = True
         elif bool(mask[l, :n].all()):
             mask[l, max(range(n), key=lambda u: (layer_ranks[u], u))] = False  # keep the last in the order
     return mask
+
+
+def _heads_per_group(units: Units, mask: Mask, ranks: torch.Tensor) -> dict[int, int]:
+    """For each GQA layer, how many query heads each of its KV groups loses."""
+    if units.target != "heads":
+        return {}
+    slices, wanted, per_group = [], 0, {}
+    for l, n in enumerate(units.counts):
+        attn = units.view.layers[l].attn
+        if attn.num_kv_heads == attn.num_heads:
+            continue
+        groups, size = attn.num_kv_heads, attn.num_heads // attn.num_kv_heads
+        per_group[l] = 0
+        wanted += int(mask[l, :n].sum())
+        ranked = [sorted(range(g * size, (g + 1) * size), key=lambda h: (int(ranks[l, h]), h)) for g in range(groups)]
+        for j in range(size - 1):  # keep one head per group
+            position = sum(int(ranks[l, members[j]]) for members in ranked) / groups
+            slices.append((position, l, j, groups))
+    taken = 0
+    for _, l, j, groups in sorted(slices):
+        if taken + groups / 2 > wanted:
+            break
+        if j == per_group[l]:  # a layer's slices go in order
+            per_group[l] += 1
+            taken += groups
+    return per_group
 
 
 # --- evaluation -------------------------------------------------------------------------------
