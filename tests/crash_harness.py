@@ -113,7 +113,9 @@ def install_kill(stage: str, at: str, after: int, desc: str = "") -> None:
                         os.replace(tmp, path)
                         _die()
 
-        io.atomic_path = killing_atomic_path
+        for module in list(sys.modules.values()):  # every module that imported it by name
+            if getattr(module, "__name__", "").startswith("surgery") and getattr(module, "atomic_path", None) is atomic_path:
+                module.atomic_path = killing_atomic_path
     else:
         raise ValueError(f"unknown kill point {at!r}")
 
