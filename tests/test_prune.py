@@ -82,6 +82,11 @@ def test_compactable_keeps_equal_heads_per_kv_group_and_one_head_per_layer():
     for layer in range(2):
         per_group = [int(mask[layer, 0:2].sum()), int(mask[layer, 2:4].sum())]
         assert per_group[0] == per_group[1] and per_group[0] < 2
+    assert int(mask.sum()) == 4  # one slice per layer is all a 2-heads-per-group layer can lose
+    # a layer that cannot take its share passes the rest on: 4 heads wanted, all in layer 1 first
+    order = [4, 5, 6, 7, 0, 2, 1, 3]
+    mask = compactable(units, global_plan(units, order, 0.5), ranks_of(units, order))
+    assert mask.tolist() == [[True, False, True, False], [True, False, True, False]]
     mha = _units(build("llama"))
     everything = torch.ones(2, 4, dtype=torch.bool)
     kept = ~compactable(mha, everything, ranks_of(mha, list(range(8))))
