@@ -81,3 +81,28 @@ def test_hungarian_undoes_a_planted_permutation_and_keeps_the_donor_function(tmp
     assert torch.allclose(logits(donor, ids), before, atol=1e-5)
     for name, tensor in base.state_dict().items():  # aligned back, the donor is the base again
         assert torch.allclose(donor.state_dict()[name], tensor), name
+
+
+def sketch_stats(sketch_kn: torch.Tensor):
+    from surgery.capture import Stats
+
+    n = sketch_kn.shape[1]
+    return Stats({"weight": torch.tensor(1.0), "act/sum": torch.zeros(n), "act/sketch": sketch_kn,
+                  "sketch_basis": torch.zeros(sketch_kn.shape[0])})
+
+
+def test_identity_bonus_moves_a_neuron_only_for_a_larger_gain():
+    from surgery.plugins.hungarian import align_layer
+
+    generator = torch.Generator().manual_seed(4)
+    base = torch.randn(64, 30, generator=generator, dtype=torch.float64)
+    planted = torch.randperm(30, generator=generator)
+    donor = base[:, planted] + 0.05 * torch.randn(64, 30, generator=generator, dtype=torch.float64)
+    perm, corr = align_layer(sketch_stats(base), sketch_stats(donor), identity_bonus=0.2)
+    assert torch.equal(planted[perm], torch.arange(30))  # true matches gain ~1 > 0.2: still found
+    # a donor that is the base plus noise: without a bonus noise may move neurons, with one it cannot
+    noisy = base + 1.5 * torch.randn(64, 30, generator=generator, dtype=torch.float64)
+    kept, corr = align_layer(sketch_stats(base), sketch_stats(noisy), identity_bonus=10.0)
+    assert torch.equal(kept, torch.arange(30))
+    free, _ = align_layer(sketch_stats(base), sketch_stats(noisy))
+    assert corr[torch.arange(30), free].sum() >= corr.diagonal().sum()

@@ -6,7 +6,9 @@ approximated by the cosine of their centred activation sketches from the upstrea
 ``perm = argmax_perm sum_i C[i, perm[i]]`` (``scipy.optimize.linear_sum_assignment``); applying
 ``perm`` to the donor's gate/up rows and down columns (``surgery.permute``) preserves its function.
 When a ``cluster`` step ran, ensembles are matched the same way on the mean member correlation
-(``ensemble_map[k]`` = the donor ensemble matched to base ensemble k).
+(``ensemble_map[k]`` = the donor ensemble matched to base ensemble k). ``identity_bonus`` b adds b
+to ``C[i, i]``, so a neuron is moved only when that gains more than b: for fine-tunes of one parent,
+whose neurons are already aligned, it keeps sketch noise from permuting them.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from surgery.permute import match, match_ensembles
 
 class AlignOptions(Options):
     ensembles: bool = Field(True, description="also match ensembles when an upstream cluster step exists")
+    identity_bonus: float = Field(0.0, ge=0, description="added to C[i, i]: a neuron moves only if that gains more "
+                                  "correlation (for fine-tunes of one parent; ~2/sqrt(sketch_dim) covers sketch noise)")
 
 
 def neuron_correlation(base: Stats, donor: Stats) -> torch.Tensor:
@@ -30,10 +34,17 @@ def neuron_correlation(base: Stats, donor: Stats) -> torch.Tensor:
     return sketch_correlation(base.sketch("act"), donor.sketch("act")).float()
 
 
-def align_layer(base: Stats, donor: Stats) -> tuple[torch.Tensor, torch.Tensor]:
-    """(perm, correlation matrix) for one layer; perm[i] = donor neuron matched to base neuron i."""
+def align_layer(base: Stats, donor: Stats, identity_bonus: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm, correlation matrix) for one layer; perm[i] = donor neuron matched to base neuron i.
+
+    ``identity_bonus`` b is added to the diagonal before matching: a permutation is chosen over the
+    identity only if it gains more than b per moved neuron.
+    """
     corr = neuron_correlation(base, donor)
-    return match(corr), corr
+    objective = corr.clone()
+    n = min(corr.shape)
+    objective[torch.arange(n), torch.arange(n)] += identity_bonus
+    return match(objective), corr
 
 
 class Hungarian:
@@ -58,7 +69,7 @@ class Hungarian:
                 if stats_a.count != stats_b.count:
                     raise SurgeryError(f"{ctx.where}: {base!r} and {donor!r} saw different probe tokens "
                                        f"({stats_a.count} vs {stats_b.count}); their sketches cannot be compared")
-                perm, corr = align_layer(stats_a, stats_b)
+                perm, corr = align_layer(stats_a, stats_b, ctx.options.identity_bonus)
                 tensors[f"{donor}/{layer}/perm"] = perm
                 kept.append(float((perm == torch.arange(perm.numel())).float().mean()))
                 matched.append(float(corr[torch.arange(perm.numel()), perm].mean()))
