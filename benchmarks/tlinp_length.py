@@ -9,7 +9,12 @@ across the four lengths, ``Var_T p_i(T)``, and prints side by side, averaged ove
 - ``rel``: mean_i Var_T p_i(T) / Var_i(mean_T p_i(T)) (length variance relative to how much neurons
   differ from each other; scale-free, so the two weightings compare fairly),
 
-and the ratio TLINP / uniform of ``rel`` (< 1: TLINP profiles depend less on the length).
+and the ratio to uniform of ``rel`` (< 1: profiles depend less on the length).
+
+A control row, ``uniform, first token dropped``, weighs every real token 1 except the first of each
+row (0): the first position of a decoder carries outlier activations (an attention sink) whose share
+of a plain mean is 1/T, so it alone makes plain-mean profiles length-dependent. The control says how
+much of TLINP's effect is that one position.
 
     python benchmarks/tlinp_length.py [--model builtin:smollm2-135m] [--alpha 0.5] [--output DIR]
 """
@@ -21,9 +26,36 @@ from pathlib import Path
 
 import torch
 
+from surgery import hookimpl
+from surgery.artifacts import Artifact
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tlinp-length.yaml"
 LENGTHS = ("t16", "t32", "t64", "t128")
+
+
+class SkipFirstWeighter(Artifact):
+    """Uniform weights with each row's first real token at 0 (right-padded batches)."""
+
+    def __init__(self) -> None:
+        super().__init__(meta={"weighting": "skip-first"})
+
+    def weights(self, logits_btv, input_ids_bt, mask_bt):
+        w_bt = mask_bt.to(torch.float32).clone()
+        w_bt[:, 0] = 0
+        return w_bt
+
+
+class SkipFirst:
+    """Uniform token weights without each row's first token (a control for TLINP)."""
+
+    @hookimpl
+    def option_schema(self, stage):
+        return None
+
+    @hookimpl
+    def weight(self, ctx):
+        return SkipFirstWeighter()
 
 
 def run(weighting: str, alpha: float, model: str, output: Path) -> Path:
@@ -36,8 +68,9 @@ def run(weighting: str, alpha: float, model: str, output: Path) -> Path:
 
     raw = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
     raw["models"]["lm"] = model
-    raw["steps"][0] = {"weight": {"plugin": "tlinp", "alpha": alpha} if weighting == "tlinp" else {"plugin": "uniform"}}
+    raw["steps"][0] = {"weight": {"plugin": "tlinp", "alpha": alpha} if weighting == "tlinp" else {"plugin": weighting}}
     manager = Manager()
+    manager.register(SkipFirst(), "skip-first")
     recipe = validate(raw, manager, base_dir=RECIPE.parent, source=str(RECIPE), output=str(output / weighting))
     run_recipe(recipe, manager, quiet=True)
     return output / weighting
@@ -74,15 +107,16 @@ def main() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    results = {}
-    for weighting in ("uniform", "tlinp"):
-        results[weighting] = {name: length_variance(p) for name, p in profiles(run(weighting, args.alpha, args.model, args.output)).items()}
-    print(f"model {args.model}, max_tokens {', '.join(t[1:] for t in LENGTHS)}, TLINP alpha {args.alpha}\n")
-    print("profile | uniform var | uniform rel | tlinp var | tlinp rel | rel ratio tlinp/uniform")
-    print("--- | --- | --- | --- | --- | ---")
-    for name in results["uniform"]:
-        (uv, ur), (tv, tr) = results["uniform"][name], results["tlinp"][name]
-        print(f"{name} | {uv:.3e} | {ur:.4f} | {tv:.3e} | {tr:.4f} | {tr / ur:.3f}")
+    labels = {"uniform": "uniform (plain mean)", "tlinp": f"tlinp (alpha {args.alpha})",
+              "skip-first": "uniform, first token dropped"}
+    results = {w: {name: length_variance(p) for name, p in profiles(run(w, args.alpha, args.model, args.output)).items()}
+               for w in labels}
+    print(f"model {args.model}, max_tokens {', '.join(t[1:] for t in LENGTHS)}, 64 passages\n")
+    print("weighting | profile | var | rel | rel / uniform rel")
+    print("--- | --- | --- | --- | ---")
+    for weighting, label in labels.items():
+        for name, (var, rel) in results[weighting].items():
+            print(f"{label} | {name} | {var:.3e} | {rel:.4f} | {rel / results['uniform'][name][1]:.3f}")
 
 
 if __name__ == "__main__":
