@@ -66,15 +66,20 @@ def flag(message: str) -> None:
     active.findings.append(message)
 
 
+CHUNK = 1 << 24  # values checked at once: the temporary masks stay at 16 MiB however large the tensor
+
+
 def describe(tensor: torch.Tensor) -> str | None:
-    """``"3 NaN, 1 Inf of 2048 values"``, or None when every value is finite (or not a float)."""
-    if not (tensor.is_floating_point() or tensor.is_complex()):
+    """``"3 NaN, 1 Inf of 2048 values"``, or None when every value is finite (or not a float, or
+    not materialised: an offloaded parameter on the meta device)."""
+    if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.device.type == "meta":
         return None
-    finite = torch.isfinite(tensor)
-    if bool(finite.all()):
+    values = tensor.detach().reshape(-1)
+    chunks = values.split(CHUNK)
+    if all(bool(torch.isfinite(chunk).all()) for chunk in chunks):
         return None
-    nans = int(torch.isnan(tensor).sum())
-    infs = int((~finite).sum()) - nans
+    nans = sum(int(torch.isnan(chunk).sum()) for chunk in chunks)
+    infs = sum(int(torch.isinf(chunk).sum()) for chunk in chunks)
     parts = [f"{nans} NaN"] if nans else []
     parts += [f"{infs} Inf"] if infs else []
     return f"{', '.join(parts)} of {tensor.numel()} values"

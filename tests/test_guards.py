@@ -29,6 +29,15 @@ def test_describe_counts_nan_and_inf():
     assert guards.describe(torch.ones(3)) is None
     assert guards.describe(torch.tensor([1.0, float("nan"), float("inf"), -float("inf")])) == "1 NaN, 2 Inf of 4 values"
     assert guards.describe(torch.tensor([1, 2])) is None  # integers cannot be non-finite
+    assert guards.describe(torch.empty(3, device="meta")) is None  # offloaded: nothing to check
+
+
+def test_describe_in_chunks(monkeypatch):
+    monkeypatch.setattr(guards, "CHUNK", 4)
+    values = torch.zeros(2, 7)
+    values[0, 1], values[1, 6], values[1, 0] = float("nan"), float("inf"), float("nan")
+    assert guards.describe(values) == "2 NaN, 1 Inf of 14 values"
+    assert guards.describe(torch.zeros(2, 7)) is None
 
 
 @pytest.mark.parametrize("name,layer", [
