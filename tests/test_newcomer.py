@@ -132,3 +132,12 @@ def test_init_edit_one_line_run(template, old, new, tmp_path, monkeypatch, surge
     result = surgery_cli("run", recipe.name)
     assert result.exit_code == 0, result.err
     assert new.split(": ")[1] in result.out and "Traceback" not in result.err
+
+
+def test_setup_script_is_valid_bash():
+    """`./setup.sh` itself is not run (it installs into the environment this suite runs in)."""
+    import subprocess
+
+    script = ROOT / "setup.sh"
+    assert script.stat().st_mode & 0o111, "setup.sh must be executable for `./setup.sh`"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
