@@ -102,6 +102,7 @@ def sharded_batches(ctx, batch_iter) -> list[dict]:
         all_batches.append({**batch, "row_index": torch.arange(start, start + rows)})
         start += rows
     mine = [batch for _, batch in ctx.shard(all_batches)]
+    ctx.log(f"this process captures {len(mine)} of {len(all_batches)} probe batches")
     if not mine:
         raise SurgeryError(f"{ctx.where}: {len(all_batches)} probe batches are too few for this many processes")
     return mine
