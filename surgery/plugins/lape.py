@@ -37,7 +37,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from pydantic import Field, model_validator
 
-from surgery import hookimpl
+from surgery import guards, hookimpl
 from surgery.adapters import LayerView, ModelView, envoy_at, write_directions
 from surgery.artifacts import Artifact
 from surgery.errors import ModelError, NumericError, RecipeError
@@ -337,15 +337,15 @@ class LapeEncoder:
             tensors[f"{prefix}{layer}/plain_x"] = torch.cat(plain).float()
         for key, values in self.paths.items():
             tensors[f"{prefix}paths/{key}"] = torch.cat(values).float()
-        for key, value in tensors.items():
-            if not bool(torch.isfinite(value).all()):
-                raise NumericError(f"lape: non-finite {key!r}")
+        guards.check_tensors("lape tensor", tensors)
         return tensors
 
 
 def prompt_ids(tokenizer: Any, examples: Iterable[dict], max_tokens: int | None = None) -> list[list[int]]:
     """Token ids of each example's prompt (its text when it has none), without a closing EOS:
     a continuation starts after the prompt, not after an end of text."""
+    if tokenizer is None:
+        raise ModelError("lape needs a model with a tokenizer to sample continuations")
     eos = tokenizer.eos_token_id
     out = []
     for example in examples:
