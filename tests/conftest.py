@@ -23,6 +23,15 @@ def make_checkpoint(directory: Path, seed: int, **overrides) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models run faster on one intra-op thread than on several that contend for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("checkpoints")

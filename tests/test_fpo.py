@@ -12,14 +12,6 @@ from fpo_fixtures import perturbed, save_tiny, tiny_causal_lm
 from surgery import preference as po
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train far faster on one thread when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def reference():

@@ -15,13 +15,6 @@ from surgery.artifacts import Artifact
 from surgery.errors import NumericError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --- the guard functions -------------------------------------------------------------------------
 

@@ -27,14 +27,6 @@ SIZE = {"layers": 2, "hidden": 32, "heads": 4, "kv_heads": 2}
 SETTINGS = PathSettings(paths=4, len_min=3, len_max=7, top_p=0.9, gamma=0.99)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny(seed: int = 0, noise: float = 0.0, noise_seed: int = 1) -> torch.nn.Module:
     from surgery.zoo.architectures import build_model

@@ -16,7 +16,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -78,13 +77,6 @@ def matching(table: dict, command: str, exact: bool = False):
 
 ALL = {doc: doc_commands(doc) for doc in DOCS}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_command(command: str, surgery_cli) -> None:

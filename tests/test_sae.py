@@ -13,14 +13,6 @@ from surgery.sae import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrix products run far faster on one thread when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def model():

@@ -35,7 +35,7 @@ from surgery.artifacts import Artifact
 from surgery.errors import DataError, RecipeError
 from surgery.options import Options
 from surgery import preference as po
-from surgery.sae import SAEError, SparseAutoencoder, load_sae, model_inputs
+from surgery.sae import SparseAutoencoder, load_sae, model_inputs
 
 Loss = Literal["dpo", "simpo", "tdpo1", "tdpo2", "fpo"]  # = surgery.preference.LOSSES
 

@@ -40,7 +40,7 @@ from pydantic import Field, model_validator
 from surgery import guards, hookimpl
 from surgery.adapters import LayerView, ModelView, envoy_at, write_directions
 from surgery.artifacts import Artifact
-from surgery.errors import ModelError, NumericError, RecipeError
+from surgery.errors import ModelError, RecipeError
 from surgery.options import Options
 
 

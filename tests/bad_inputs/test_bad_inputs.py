@@ -24,14 +24,6 @@ BASE_RECIPES = ("merge.yaml", "probe-loss.yaml", "capture-mean.yaml", "tune.yaml
 SIZE = {"hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on two that contend with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --- the corpus, with its built files ------------------------------------------------------------
 
