@@ -50,6 +50,18 @@ def write_recipe(path: Path, model: Path, probe: Path, steps: list[dict], batch_
     return path
 
 
+def run_steps(root: Path, name: str, model: Path, probe: Path, steps: list[dict]) -> Path:
+    """Write a recipe of ``steps`` under ``root``, run it, and return its run directory."""
+    from surgery.manager import get_manager
+    from surgery.recipe import load_recipe
+    from surgery.runner import run_recipe
+
+    recipe = write_recipe(root / f"{name}.yaml", model, probe, steps)
+    parsed = load_recipe(recipe, get_manager(), [], str(root / f"run-{name}"))
+    run_recipe(parsed, get_manager(), quiet=True)
+    return parsed.output
+
+
 def causal_loss(logits_btv: torch.Tensor, batch: dict) -> torch.Tensor:
     """Per-row next-token NLL (the causal-lm objective on unpadded rows)."""
     from surgery.objectives import get_objective

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from attribution_fixtures import causal_loss, save_checkpoint, write_probe, write_recipe
+from attribution_fixtures import run_steps, causal_loss, save_checkpoint, write_probe, write_recipe
 from surgery.adapters import module_at, view
 from surgery.artifacts import Artifact
 from surgery.errors import RecipeError
@@ -244,16 +244,9 @@ def workspace(tmp_path_factory):
     return save_checkpoint(root / "model"), write_probe(root / "probe.jsonl"), root
 
 
-def _run(root, name, model, probe, steps):
-    recipe = write_recipe(root / f"{name}.yaml", model, probe, steps)
-    parsed = load_recipe(recipe, get_manager(), [], str(root / f"run-{name}"))
-    run_recipe(parsed, get_manager(), quiet=True)
-    return parsed.output
-
-
 def test_ig_recipe_writes_scores_per_sample_check_and_heatmap(workspace):
     model, probe, root = workspace
-    out = _run(root, "ig", model, probe, [
+    out = run_steps(root, "ig", model, probe, [
         {"attribute": {"plugin": "ig", "quadrature": "gauss-legendre", "steps": 32, "keep_per_sample": True}},
         {"attribute": {"plugin": "ig", "mode": "joint", "schedule": "per-layer", "steps": 32, "name": "joint",
                        "memory_mb": 0.05}},

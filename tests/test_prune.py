@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from attribution_fixtures import save_checkpoint, write_probe, write_recipe
+from attribution_fixtures import run_steps, save_checkpoint, write_probe
 from surgery.adapters import view
 from surgery.artifacts import Artifact
 from surgery.errors import ModelError, SurgeryError
@@ -217,16 +217,9 @@ def workspace(tmp_path_factory):
     return save_checkpoint(root / "model"), write_probe(root / "probe.jsonl"), root
 
 
-def _run(root, name, model, probe, steps):
-    recipe = write_recipe(root / f"{name}.yaml", model, probe, steps)
-    parsed = load_recipe(recipe, get_manager(), [], str(root / f"run-{name}"))
-    run_recipe(parsed, get_manager(), quiet=True)
-    return parsed.output
-
-
 def test_prune_recipes_report_objective_params_curve_and_reload(workspace):
     model, probe, root = workspace
-    out = _run(root, "strategies", model, probe, [
+    out = run_steps(root, "strategies", model, probe, [
         {"attribute": {"plugin": "ig", "steps": 8}},
         {"prune": {"plugin": "magnitude", "fraction": 0.5, "as": "mag"}},
         {"prune": {"plugin": "sign-aware", "fraction": 0.5, "output": "compact", "as": "sa", "models": ["base"]}},
@@ -253,7 +246,7 @@ def test_prune_recipes_report_objective_params_curve_and_reload(workspace):
 
 def test_iterative_reattributes_until_the_limit(workspace):
     model, probe, root = workspace
-    out = _run(root, "iterative", model, probe, [
+    out = run_steps(root, "iterative", model, probe, [
         {"prune": {"plugin": "iterative", "step": 0.25, "max_fraction": 0.75, "max_increase": 10.0,
                    "attribute": {"plugin": "grad-x-act", "absolute": False}}},
     ])
@@ -261,7 +254,7 @@ def test_iterative_reattributes_until_the_limit(workspace):
     assert [round(f, 2) for f, _ in meta["curve"]] == [0.0, 0.25, 0.5, 0.75]
     assert meta["fraction_pruned"] == 0.75
     assert meta["stopped"] == "max_fraction"
-    strict = _run(root, "iterative-strict", model, probe, [
+    strict = run_steps(root, "iterative-strict", model, probe, [
         {"prune": {"plugin": "iterative", "step": 0.25, "max_fraction": 0.75, "max_increase": 0.0,
                    "attribute": {"plugin": "ig", "steps": 4}}},
     ])
@@ -277,7 +270,7 @@ def test_iterative_reattributes_until_the_limit(workspace):
 def test_sign_aware_refuses_unsigned_scores(workspace):
     model, probe, root = workspace
     with pytest.raises(SurgeryError, match="signed"):
-        _run(root, "unsigned", model, probe, [
+        run_steps(root, "unsigned", model, probe, [
             {"attribute": {"plugin": "grad-x-act"}},
             {"prune": {"plugin": "sign-aware", "fraction": 0.25}},
         ])
