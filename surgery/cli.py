@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from surgery.core.errors import SurgeryError, one_line
+from surgery.core.version import VERSION as __version__
 from surgery.runtime.manager import Manager
 from surgery.runtime.recipe import load_recipe
 
@@ -26,7 +27,47 @@ def _manager(plugin_refs: tuple[str, ...] = ()) -> Manager:
     return manager
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class PluginCommands(click.Group):
+    """The command group: plugins' commands are listed from the plugin index and imported only when
+    one of them is invoked (or ``--help`` of one is asked for)."""
+
+    def _manager(self, ctx: click.Context) -> Manager | None:
+        manager = ctx.find_object(Manager)
+        if manager is None:
+            try:
+                manager = ctx.find_root().obj = Manager()
+            except SurgeryError:
+                return None  # reported with a message when a command needs the manager
+        return manager
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        manager = self._manager(ctx)
+        return sorted(set(self.commands) | set(manager.commands() if manager else {}))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = self.commands.get(name)
+        manager = self._manager(ctx)
+        if command is None and manager is not None and getattr(manager, "_commands_added", False) is False:
+            manager._commands_added = True
+            manager.register_commands(self)
+            command = self.commands.get(name)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from click.utils import make_default_short_help
+
+        manager = self._manager(ctx)
+        listed = {n: c.get_short_help_str(limit=200) for n, c in self.commands.items() if not c.hidden}
+        listed = {**(manager.commands() if manager else {}), **listed}
+        limit = formatter.width - 6 - max(map(len, listed), default=0)
+        listed = {n: make_default_short_help(text, limit) for n, text in listed.items()}
+        if listed:
+            with formatter.section("Commands"):
+                formatter.write_dl(sorted(listed.items()))
+
+
+@click.group(cls=PluginCommands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="surgery", message="%(prog)s %(version)s")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def cli(debug: bool) -> None:
     """Surgery on transformer models: capture, score, align, fuse, attribute, prune, heal."""
@@ -35,6 +76,8 @@ def cli(debug: bool) -> None:
 def _common_run_options(fn):
     fn = click.option("--plugin", "plugin_refs", multiple=True, metavar="MODULE_OR_FILE", help="Load an extra plugin.")(fn)
     fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. steps.2.plugin=ties.")(fn)
+    fn = click.option("--set-plugin", "swaps", multiple=True, metavar="N=PLUGIN",
+                      help="Run step N with PLUGIN, dropping the options PLUGIN does not take.")(fn)
     return fn
 
 
@@ -45,14 +88,15 @@ def _common_run_options(fn):
 @click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0.")
 @click.option("--nproc", default=1, type=click.IntRange(min=1), help="Data-parallel processes (torchrun).")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def run(recipe: str, overrides: tuple[str, ...], plugin_refs: tuple[str, ...], output: str | None, device: str | None,
-        nproc: int, debug: bool) -> None:
+def run(recipe: str, overrides: tuple[str, ...], swaps: tuple[str, ...], plugin_refs: tuple[str, ...],
+        output: str | None, device: str | None, nproc: int, debug: bool) -> None:
     """Validate RECIPE, then run its steps (finished steps are reused)."""
     from surgery.core import distributed
     from surgery.runtime.runner import run_recipe
 
     manager = _manager(plugin_refs)
-    parsed = load_recipe(recipe, manager, overrides, output)
+    parsed = load_recipe(recipe, manager, overrides, output, swaps)
+    _quiet_transformers()
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(_relaunch_with_torchrun(nproc))
     report = run_recipe(parsed, manager, device)
@@ -67,9 +111,9 @@ def run(recipe: str, overrides: tuple[str, ...], plugin_refs: tuple[str, ...], o
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @_common_run_options
-def validate(recipe: str, overrides: tuple[str, ...], plugin_refs: tuple[str, ...]) -> None:
+def validate(recipe: str, overrides: tuple[str, ...], swaps: tuple[str, ...], plugin_refs: tuple[str, ...]) -> None:
     """Check RECIPE without loading any model or data."""
-    parsed = load_recipe(recipe, _manager(plugin_refs), overrides)
+    parsed = load_recipe(recipe, _manager(plugin_refs), overrides, swaps=swaps)
     click.echo(f"{recipe}: ok ({len(parsed.steps)} steps, output {parsed.output})")
 
 
@@ -93,7 +137,8 @@ def plugins(as_json: bool, plugin_refs: tuple[str, ...]) -> None:
 def describe(plugin: str, plugin_refs: tuple[str, ...]) -> None:
     """Show PLUGIN's stages and options (types, defaults, descriptions)."""
     manager = _manager(plugin_refs)
-    click.echo(f"{plugin}: {manager.summary(plugin)}")
+    manager.get(plugin)
+    click.echo(f"{plugin}: {manager.description(plugin) or '(no description)'}")
     for stage in manager.stages_of(plugin):
         click.echo(f"\n  {stage}:")
         fields = manager.schema(plugin, stage).model_fields
@@ -112,19 +157,20 @@ def describe(plugin: str, plugin_refs: tuple[str, ...]) -> None:
 @click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def eval_command(models: tuple[str, ...], tasks: str | None, count: int, evaluator: str, device: str | None, as_json: bool) -> None:
-    """Score MODELS (builtin:NAME, directories or hub ids) side by side in one table."""
+    """Score MODELS (builtin:NAME, directories or hub ids; NAME=MODEL names a row) side by side in one table."""
     import tempfile
 
     from surgery.runtime.recipe import validate
     from surgery.runtime.runner import run_recipe
 
     manager = _manager()
+    _quiet_transformers()
     options: dict = {"plugin": evaluator}
     if evaluator == "tasks":
         options["n"] = count
         if tasks:
             options["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()]
-    names = {Path(m).name if not m.startswith("builtin:") else m[len("builtin:"):]: m for m in models}
+    names = _model_names(models)
     with tempfile.TemporaryDirectory(prefix="surgery-eval-") as tmp:
         raw = {"name": "eval", "models": names, "steps": [{"evaluate": options}], "output": tmp}
         report = run_recipe(validate(raw, manager, base_dir=Path.cwd(), source="eval"), manager, device, quiet=True)
@@ -140,12 +186,32 @@ def eval_command(models: tuple[str, ...], tasks: str | None, count: int, evaluat
         click.echo(f"{name:<{width}}" + "".join(f"{_short(v):>14}" if v is not None else f"{'-':>14}" for v in row))
 
 
+def _model_names(models: tuple[str, ...]) -> dict[str, str]:
+    """Table name -> model: ``NAME=MODEL`` as given, else the argument itself (``builtin:`` dropped)."""
+    names: dict[str, str] = {}
+    for arg in models:
+        name, sep, model = arg.partition("=")
+        if not sep or not name or "/" in name:
+            name, model = (arg[len("builtin:"):] if arg.startswith("builtin:") else arg.rstrip("/")), arg
+        if name in names:
+            raise SurgeryError(f"model name {name!r} is given twice; name them with NAME=MODEL")
+        names[name] = model
+    return names
+
+
 @cli.command()
 @click.argument("template", default="merge")
 @click.option("--output", "-o", default=None, help="File to write (default: TEMPLATE.yaml).")
-def init(template: str, output: str | None) -> None:
+@click.option("--list", "list_only", is_flag=True, help="List the templates and what each does, then exit.")
+def init(template: str, output: str | None, list_only: bool) -> None:
     """Write a starter recipe (templates: see `surgery init --list`)."""
     names = sorted(p.name[:-5] for p in resources.files("surgery.templates").iterdir() if p.name.endswith(".yaml"))
+    if list_only:
+        for name in names:
+            text = resources.files("surgery.templates").joinpath(f"{name}.yaml").read_text()
+            first = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), "")
+            click.echo(f"{name:<12} {first}")
+        return
     if template not in names:
         from surgery.core.registry import did_you_mean
 
@@ -190,22 +256,11 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _load_manager() -> Manager | None:
-    """The one manager of this command, with the plugins' commands added to the group."""
-    try:
-        manager = Manager()
-    except SurgeryError:
-        return None  # reported again, with a message, when a command needs the manager
-    manager.pm.hook.register_commands(cli=cli)
-    return manager
-
-
 def main() -> None:
     """Entry point: one-line errors and exit code 2 for bad input; tracebacks only with --debug."""
     debug = "--debug" in sys.argv
-    _quiet_transformers()
     try:
-        code = cli.main(standalone_mode=False, obj=_load_manager())
+        code = cli.main(standalone_mode=False, obj=Manager())
         if isinstance(code, int) and code:
             sys.exit(code)
     except click.exceptions.Abort:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,4 +78,54 @@ def test_compare_command(runs, surgery_cli):
     assert result.exit_code == 0, result.err
     assert "Pearson" in result.out and "share_positive" in result.out
     missing = surgery_cli("compare", runs["per-layer"], runs["joint"], "--step-a", "nothing-like-this")
-    assert missing.exit_code == 2 and "no attribution step" in missing.err
+    assert missing.exit_code == 2 and "no step 'nothing-like-this'" in missing.err
+    assert "00-attribute-ig" in missing.err  # the names to choose from
+
+
+def test_report_names_prune_steps_their_source_and_curve(runs, surgery_cli):
+    result = surgery_cli("report", runs["per-layer"])
+    line = next(l for l in result.out.splitlines() if "magnitude prune of heads" in l)
+    assert line.startswith("01-prune-magnitude") and "from attribution step 00-attribute-ig" in line
+    curve = json.loads(surgery_cli("report", runs["per-layer"], "--json").out)["prune"][0]["curve"]
+    shown = f"{curve[1][0]:.3f} -> {curve[1][1]:.6g}"
+    assert shown in result.out  # the text output carries the curve
+
+
+def test_report_step_filters_every_kind_and_rejects_unknown_names(runs, surgery_cli):
+    prune_only = json.loads(surgery_cli("report", runs["per-layer"], "--step", "01-prune-magnitude", "--json").out)
+    assert prune_only["attribution"] == [] and [p["name"] for p in prune_only["prune"]] == ["01-prune-magnitude"]
+    attribution_only = json.loads(surgery_cli("report", runs["per-layer"], "--step", "00-attribute-ig", "--json").out)
+    assert attribution_only["prune"] == [] and len(attribution_only["attribution"]) == 1
+    unknown = surgery_cli("report", runs["per-layer"], "--step", "no-such-step")
+    assert unknown.exit_code == 2 and "no step 'no-such-step'" in unknown.err
+
+
+def test_plots_are_written_and_named(runs, surgery_cli, tmp_path):
+    from PIL import Image
+
+    report = surgery_cli("report", runs["per-layer"], "--plots", tmp_path / "r")
+    written = [line.split(" ", 1)[1] for line in report.out.splitlines() if line.startswith("wrote ")]
+    assert sorted(Path(p).name for p in written) == ["per-layer-heads-heatmap.png", "per-layer-prune-curves.png"]
+    compare = surgery_cli("compare", runs["per-layer"], runs["joint"], "--plots", tmp_path / "c")
+    names = sorted(Path(line.split(" ", 1)[1]).name for line in compare.out.splitlines() if line.startswith("wrote "))
+    assert names == ["per-layer-vs-joint-heatmaps.png", "per-layer-vs-joint-prune-curves.png",
+                     "per-layer-vs-joint-scatter.png"]
+    for path in [*written, *(tmp_path / "c").iterdir()]:
+        width, height = Image.open(path).size
+        assert 300 <= width <= 2000 and 250 <= height <= 1200
+
+
+def test_neuron_heatmaps_are_binned_to_readable_width():
+    from surgery.engines.diagnostics import MAX_COLUMNS, binned
+
+    values = torch.arange(2 * 1536, dtype=torch.float64).view(2, 1536)
+    out, width = binned(values.numpy())
+    assert width == 24 and out.shape == (2, MAX_COLUMNS)
+    assert out[1, 3] == pytest.approx(values[1, 72:96].mean().item())  # a column is the mean of its neurons
+
+
+def test_spearman_is_rank_correlation():
+    from surgery.engines.diagnostics import spearman
+
+    a = torch.tensor([0.1, 0.5, 0.2, 3.0])
+    assert spearman(a, a ** 3) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)

@@ -18,9 +18,14 @@ import re
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Mapping
+from typing import TYPE_CHECKING, Iterator, Literal, Mapping
 
-import torch
+from surgery.core.lazy import lazy
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy("torch")  # imported on first use: validating a recipe needs no torch
 
 from surgery.core.errors import NumericError
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 from surgery.core.errors import SurgeryError
 
@@ -24,20 +24,30 @@ class Registry(Generic[T]):
         self.kind = kind
         self.error = error
         self._items: dict[str, T] = {}
+        # fill(name) is called before a lookup (fill(None) before listing everything); the plugin
+        # manager sets it so that only the plugin registering ``name`` is imported
+        self.fill: Callable[[str | None], None] | None = None
 
     def register(self, name: str, item: T) -> None:
         self._items[name] = item
 
+    def _filled(self, name: str | None) -> dict[str, T]:
+        if self.fill is not None and (name is None or name not in self._items):
+            self.fill(name)
+        return self._items
+
     def get(self, name: str) -> T:
-        if name not in self._items:
-            raise self.error(f"unknown {self.kind} {name!r}" + did_you_mean(name, list(self._items)))
-        return self._items[name]
+        items = self._filled(name)
+        if name not in items:
+            items = self._filled(None)
+            raise self.error(f"unknown {self.kind} {name!r}" + did_you_mean(name, list(items)))
+        return items[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return isinstance(name, str) and name in self._filled(name)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._items))
+        return iter(sorted(self._filled(None)))
 
     def items(self) -> list[tuple[str, T]]:
-        return sorted(self._items.items())
+        return sorted(self._filled(None).items())

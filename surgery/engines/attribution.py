@@ -138,7 +138,8 @@ def attribution_artifact(ctx, attribution: Attribution, sites: Sequence[GateSite
                "samples": meta["samples"]}
     if check is not None:
         figures["completeness_error"] = check["max_relative_error"]
-    save_heatmap(scores, ctx.out_dir / "heatmap.png", f"{method} ({opts.target}, {opts.objective})")
+    mode = f" {meta['mode']}" if meta.get("mode") else ""
+    save_heatmap(scores, ctx.out_dir / "heatmap.png", f"{method}{mode} ({opts.target}, {opts.objective})", opts.target)
     return Artifact(tensors=tensors, meta=meta, figures=figures)
 
 

@@ -6,9 +6,8 @@ shard, so no whole model is ever held in memory.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
-import torch
 from pydantic import Field
 
 from surgery.core.artifacts import Artifact
@@ -17,6 +16,12 @@ from surgery.core.options import Options
 from surgery.models.adapters import ModelView, neuron_slices
 from surgery.models.checkpoint import CheckpointReader
 from surgery.models.hetero import TensorMap, checkpoint_names, load_map, plan_merge
+from surgery.core.lazy import lazy
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy("torch")  # imported on first use: validating a recipe needs no torch
 
 MAP_HELP = "tensor map for a heterogeneous pair: a built-in name (e.g. llava-from-llama), a YAML file, or inline rules"
 

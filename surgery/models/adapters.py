@@ -29,14 +29,18 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from surgery.core.errors import ModelError
 from surgery.core.registry import Registry
+from surgery.core.lazy import lazy
 
-BuildView = Callable[[torch.nn.Module, str], "ModelView"]
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy("torch")  # imported on first use: validating a recipe needs no torch
+
+BuildView = Callable[["torch.nn.Module", str], "ModelView"]
 
 @dataclass(frozen=True)
 class AttentionSite:

@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator
-
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING, Iterator
 
 from surgery.core import guards
 from surgery.core.errors import ModelError
 from surgery.core.io import atomic_path, write_json
+from surgery.core.lazy import lazy
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy("torch")  # imported on first use: validating a recipe needs no torch
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -53,11 +56,15 @@ class CheckpointReader:
         return list(_header(self.directory / file, name)["shape"])
 
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+SAFETENSORS_DTYPES = {  # safetensors' dtype codes -> torch dtype names (``dtypes()`` maps them)
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
+
+
+def dtypes() -> dict[str, "torch.dtype"]:
+    """safetensors dtype code -> torch dtype."""
+    return {code: getattr(torch, name) for code, name in SAFETENSORS_DTYPES.items()}
 
 
 def _header(path: Path, name: str) -> dict:
@@ -76,7 +83,7 @@ def _header(path: Path, name: str) -> dict:
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file tensor by tensor from each tensor's own memory (no serialised copy)."""
-    names = {dtype: code for code, dtype in DTYPES.items()}
+    names = {dtype: code for code, dtype in dtypes().items()}
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name, tensor in tensors.items():
@@ -95,9 +102,9 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
 def _read_tensor(path: Path, name: str) -> torch.Tensor:
     """Read one tensor with ``readinto`` straight into its own storage."""
     entry = _header(path, name)
-    if entry["dtype"] not in DTYPES:
+    if entry["dtype"] not in SAFETENSORS_DTYPES:
         raise ModelError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
-    tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+    tensor = torch.empty(entry["shape"], dtype=dtypes()[entry["dtype"]])
     begin, end = entry["data_offsets"]
     if tensor.numel() * tensor.element_size() != end - begin:
         raise ModelError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {entry['shape']}")
@@ -126,6 +133,8 @@ def _tensor_files(directory: Path) -> dict[str, str]:
     if not single.is_file():
         raise ModelError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
     try:
+        from safetensors import safe_open
+
         with safe_open(str(single), framework="pt") as handle:
             return {name: SINGLE_FILE for name in handle.keys()}
     except Exception as exc:  # safetensors raises its own error types for truncated files
@@ -135,11 +144,13 @@ def _tensor_files(directory: Path) -> dict[str, str]:
 class CheckpointWriter:
     """Collects tensors and writes them as size-capped safetensors shards plus an index."""
 
-    def __init__(self, directory: Path, like: Path | None, max_shard_bytes: int | None = None) -> None:
+    def __init__(self, directory: Path, like: Path | None, max_shard_bytes: int | None = None,
+                 dtype: str | None = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.like = Path(like) if like else None
         self.max_shard_bytes = max_shard_bytes
+        self.dtype = dtype  # floating tensors are cast to it ("bfloat16" ...) and config.json says so
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[dict[str, torch.Tensor] | list[str]] = []
@@ -148,6 +159,8 @@ class CheckpointWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         guards.check_tensor(f"output tensor {name}{guards.layer_note(name)}", tensor)
+        if self.dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(getattr(torch, self.dtype))
         size = tensor.numel() * tensor.element_size()
         if self.max_shard_bytes and self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
@@ -178,7 +191,21 @@ class CheckpointWriter:
             write_json(self.directory / INDEX_FILE, {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map})
         if self.like:
             copy_side_files(self.like, self.directory)
+        if self.dtype is not None:
+            set_config_dtype(self.directory, self.dtype)
         return self.directory
+
+
+def set_config_dtype(directory: Path, dtype: str) -> None:
+    """Record ``dtype`` in ``config.json`` (the key ``from_pretrained(dtype="auto")`` reads)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["dtype"] = dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
+    write_json(path, config)
 
 
 def copy_side_files(source: Path, target: Path) -> None:

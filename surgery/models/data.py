@@ -27,15 +27,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pydantic
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from surgery.core.errors import DataError
 from surgery.core.registry import did_you_mean
 from surgery.models.registries import DataSource, DataSourceRegistry
+from surgery.core.lazy import lazy
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy("torch")  # imported on first use: validating a recipe needs no torch
 
 BUILTIN = "builtin:"
 IGNORE_INDEX = -100  # label of positions the loss skips (padding)

@@ -8,21 +8,31 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from surgery.core.cache import cache_dir  # noqa: F401  (re-exported: the zoo and plugins use it from here)
 from surgery.core.errors import ModelError
 from surgery.core.registry import Registry
+from surgery.core.lazy import lazy
 from surgery.models.registries import Registries
 
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy("torch")  # reading a recipe's model specs needs no torch
+
 BUILTIN = "builtin:"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """``"bfloat16"`` -> ``torch.bfloat16`` (one of :data:`DTYPE_NAMES`)."""
+    return getattr(torch, name)
 
 
 class ModelSpec(BaseModel):
@@ -35,9 +45,6 @@ class ModelSpec(BaseModel):
     trust_remote_code: bool = False
 
 
-def cache_dir() -> Path:
-    """Root of the on-disk cache (``$SURGERY_CACHE``, default ``~/.cache/model-surgery``)."""
-    return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "model-surgery"))
 
 
 def parse_model_spec(value: Any, base_dir: Path, models: Registry) -> ModelSpec:
@@ -105,7 +112,7 @@ def load_model(name: str, spec: ModelSpec, registries: Registries, device: str |
     import transformers
 
     path = resolve_path(spec, registries.models)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[spec.dtype], "trust_remote_code": spec.trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(spec.dtype), "trust_remote_code": spec.trust_remote_code}
     if spec.device_map:
         kwargs["device_map"] = spec.device_map
     where = f"cannot load model {name!r} from {path}"

@@ -30,10 +30,16 @@ Plugins add objectives with ``register_objectives(register)``: ``register(name, 
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from surgery.core.lazy import lazy
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+else:
+    torch = lazy("torch")  # imported on first use: validating a recipe needs no torch
+    F = lazy("torch.nn.functional")
+
 
 IGNORE_INDEX = -100
 

@@ -15,16 +15,23 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import random
 from pathlib import Path
 
-import torch
 from pydantic import Field
 
 from surgery import hookimpl
 from surgery.core.errors import DataError
 from surgery.core.options import Options
 from surgery.models.data import DataSpec, read_jsonl, require_path, string_field
+from surgery.core.lazy import lazy
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy("torch")  # imported on first use: validating a recipe needs no torch
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 

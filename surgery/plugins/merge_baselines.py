@@ -22,16 +22,23 @@ tensors the map keeps (the vision tower) are copied from the base untouched.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 import zlib
 
-import torch
 from pydantic import Field
 
 from surgery import hookimpl
 from surgery.core.artifacts import Artifact
 from surgery.core.errors import RecipeError
 from surgery.engines.merge import StreamOptions, per_model, stream_merge, stream_merge_named
+from surgery.core.lazy import lazy
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy("torch")  # imported on first use: validating a recipe needs no torch
 
 
 class LinearOptions(StreamOptions):

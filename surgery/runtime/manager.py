@@ -1,15 +1,27 @@
-"""The plugin manager: loads built-in and third-party plugins, owns their registries, calls one plugin.
+"""The plugin manager: finds built-in and third-party plugins, owns their registries, calls one plugin.
 
 Built-in plugins are found through the ``surgery`` entry-point group, exactly like third-party
 ones. A recipe's ``plugins:`` list or the CLI's ``--plugin`` adds a local ``.py`` file or an
 importable module; it is registered under its ``PLUGIN_NAME`` attribute or its module name.
 
-Each manager owns one :class:`Registries`, filled by broadcasting the ``register_*`` hooks to its
-plugins when first asked for and again after a plugin is added; there is no process-wide manager.
+Plugins are imported only when something needs them. What the command line shows without running
+anything (names, stages, summaries, descriptions, commands, and the names each plugin registers
+through the ``register_*`` hooks) comes from the *plugin index*: a JSON file under
+``<cache>/plugin-index/`` written the first time it is needed by importing every plugin once. It is
+keyed by the entry points and their distributions' versions and by the size and modification time
+of every file of the packages that provide them, so installing, removing or editing a plugin
+builds a new one. So ``surgery plugins`` and ``surgery --help`` import no plugin, and
+``surgery validate`` imports only the plugins its steps name and those that register the built-in
+models, data sources and objectives it refers to.
+
+Each manager owns one :class:`Registries`; a lookup of a name imports the plugin that registers
+it (per the index) and calls its ``register_*`` hook; listing a registry calls them all. There is
+no process-wide manager.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import sys
@@ -23,42 +35,74 @@ from surgery import hookspecs
 from surgery.core.errors import PluginError
 from surgery.core.registry import did_you_mean
 from surgery.models.registries import HOOKS, Registries
+from surgery.runtime import plugin_index
+
+GROUP = "surgery"
 
 
 class Manager:
-    """Wraps ``pluggy.PluginManager`` with lookups by plugin name and stage."""
+    """Wraps ``pluggy.PluginManager`` with lookups by plugin name and stage; imports plugins lazily."""
 
     def __init__(self, load_entrypoints: bool = True) -> None:
         self.pm = pluggy.PluginManager("surgery")
         self.pm.add_hookspecs(hookspecs)
+        self._pending: dict[str, importlib.metadata.EntryPoint] = {}
         if load_entrypoints:
-            self._load_entrypoints()
-        self.pm.check_pending()
+            self._pending = {ep.name: ep for ep in importlib.metadata.entry_points(group=GROUP)}
+        self._index: dict[str, dict[str, Any]] | None = None
         self._registries: Registries | None = None
+        self._broadcast: dict[str, set[str]] = {hook: set() for hook in HOOKS}  # hook -> plugins it reached
 
     @property
     def registries(self) -> Registries:
         """Everything the plugins registered (architectures, objectives, data sources, models)."""
         if self._registries is None:
             registries = Registries()
-            for hook_name in HOOKS:
-                getattr(self.pm.hook, hook_name)(register=registries.registrar(hook_name))
+            for hook_name, kind in HOOKS.items():
+                registry = getattr(registries, kind)
+                registry.fill = lambda name, hook_name=hook_name, registry=registry: self._fill(hook_name, registry, name)
             self._registries = registries
         return self._registries
 
+    def _fill(self, hook_name: str, registry: Any, name: str | None) -> None:
+        """Call ``hook_name`` on every loaded plugin it has not reached, after importing the plugin
+        that the index says registers ``name`` (every plugin with the hook when ``name`` is None or
+        unknown to the index)."""
+        kind = HOOKS[hook_name]
+        pending = [n for n in self._pending if hook_name in self._indexed(n).get("hooks", [])]
+        owners = [n for n, entry in (self._index or {}).items() if name in entry.get("registers", {}).get(kind, [])]
+        for plugin_name in (owners if name is not None and owners else pending):
+            if plugin_name in self._pending:
+                self._load(plugin_name)
+        for plugin_name, plugin in self.pm.list_name_plugin():
+            if plugin_name in self._broadcast[hook_name] or not _is_hookimpl(getattr(plugin, hook_name, None)):
+                continue
+            self._broadcast[hook_name].add(plugin_name)
+            getattr(plugin, hook_name)(register=registry.register)
+
     # --- loading ---------------------------------------------------------------------------
 
-    def _load_entrypoints(self) -> None:
+    def _load(self, name: str) -> object:
+        """Import the entry point ``name`` and register what it points at."""
+        entry = self._pending.pop(name)
         try:
-            self.pm.load_setuptools_entrypoints("surgery")
+            plugin = entry.load()
         except Exception as exc:  # a broken third-party package must not look like our bug
-            raise PluginError(f"could not load an installed surgery plugin: {type(exc).__name__}: {exc}") from exc
+            raise PluginError(f"could not load the installed surgery plugin {name!r} ({entry.value}): "
+                              f"{type(exc).__name__}: {exc}") from exc
+        self.register(plugin, name)
+        return plugin
+
+    def load_all(self) -> None:
+        """Import every installed plugin (the index and ``register_commands`` need them all)."""
+        for name in list(self._pending):
+            self._load(name)
 
     def register(self, plugin: object, name: str) -> None:
-        """Register a plugin object or module under ``name`` and collect what it registers."""
+        """Register a plugin object or module under ``name``."""
         if self.pm.get_plugin(name) is plugin:
             return
-        if self.pm.has_plugin(name):
+        if self.pm.has_plugin(name) or name in self._pending:
             raise PluginError(f"a plugin named {name!r} is already registered")
         self.pm.register(plugin, name=name)
         try:
@@ -66,13 +110,14 @@ class Manager:
         except pluggy.PluginValidationError as exc:
             self.pm.unregister(plugin)
             raise PluginError(f"plugin {name!r}: {exc}") from exc
-        self._registries = None
 
     def unregister(self, name: str) -> None:
+        self._pending.pop(name, None)
         plugin = self.pm.get_plugin(name)
         if plugin is not None:
             self.pm.unregister(plugin)
             self._registries = None
+            self._broadcast = {hook: set() for hook in HOOKS}
 
     def add(self, ref: str, base_dir: Path | None = None) -> str:
         """Load a local plugin file (``./my_plugin.py``) or module (``pkg.module``); return its name."""
@@ -83,28 +128,93 @@ class Manager:
         self.register(module, name)
         return name
 
+    # --- the index of installed plugins -------------------------------------------------------
+
+    def _indexed(self, name: str) -> dict[str, Any]:
+        """What the index knows of the not yet imported plugin ``name`` (empty for a loaded one)."""
+        if name not in self._pending:
+            return {}
+        if self._index is None:
+            self._index = plugin_index.load(list(self._pending.values()), self._describe_all)
+        return self._index.get(name, {})
+
+    def _describe_all(self) -> dict[str, dict[str, Any]]:
+        """Import every pending plugin in a scratch manager and describe each (for the index)."""
+        scratch = Manager(load_entrypoints=False)
+        scratch._pending = dict(self._pending)
+        scratch.load_all()
+        return {name: scratch.describe_plugin(name) for name in self._pending}
+
+    def describe_plugin(self, name: str) -> dict[str, Any]:
+        """The index entry of a loaded plugin: stages, hooks, texts, commands, registered names."""
+        plugin = self.get(name)
+        hooks = sorted(h for h in self.pm.hook.__dict__ if _is_hookimpl(getattr(plugin, h, None)))
+        registers = {}
+        for hook_name, kind in HOOKS.items():
+            if hook_name in hooks:
+                names: list[str] = []
+                getattr(plugin, hook_name)(register=lambda n, *args, **kwargs: names.append(n))
+                registers[kind] = names
+        commands = {}
+        if "register_commands" in hooks:
+            import click
+
+            group = click.Group()
+            plugin.register_commands(cli=group)
+            commands = {n: c.get_short_help_str(limit=200) for n, c in group.commands.items()}
+        return {"stages": self.stages_of(name), "hooks": hooks, "description": self.description(name),
+                "registers": registers, "commands": commands}
+
     # --- lookups ---------------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        return sorted(name for name, _ in self.pm.list_name_plugin() if name)
+        return sorted({name for name, _ in self.pm.list_name_plugin() if name} | set(self._pending))
+
+    def has(self, name: str) -> bool:
+        return name in self._pending or self.pm.has_plugin(name)
 
     def get(self, name: str) -> object:
+        if name in self._pending:
+            return self._load(name)
         plugin = self.pm.get_plugin(name)
         if plugin is None:
             raise PluginError(f"unknown plugin {name!r}" + did_you_mean(name, self.names()))
         return plugin
 
     def stages_of(self, name: str) -> list[str]:
+        if name in self._pending:
+            return list(self._indexed(name).get("stages", []))
         plugin = self.get(name)
         return [s for s in hookspecs.STAGES if _is_hookimpl(getattr(plugin, s, None))]
 
     def plugins_for(self, stage: str) -> list[str]:
         return [name for name in self.names() if stage in self.stages_of(name)]
 
-    def summary(self, name: str) -> str:
+    def description(self, name: str) -> str:
+        """The plugin's whole docstring (its class's, or its module's)."""
+        if name in self._pending:
+            return self._indexed(name).get("description", "")
         plugin = self.get(name)
-        doc = inspect.getdoc(plugin) if not isinstance(plugin, ModuleType) else plugin.__doc__
-        return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
+        doc = inspect.getdoc(plugin) if not isinstance(plugin, ModuleType) else inspect.cleandoc(plugin.__doc__ or "")
+        return (doc or "").strip()
+
+    def summary(self, name: str) -> str:
+        """The first line of the plugin's description."""
+        description = self.description(name)
+        return description.splitlines()[0] if description else ""
+
+    def commands(self) -> dict[str, str]:
+        """Command name -> short help of every command the installed plugins add (from the index)."""
+        found: dict[str, str] = {}
+        for name in self._pending:
+            found.update(self._indexed(name).get("commands", {}))
+        return found
+
+    def register_commands(self, cli: Any) -> None:
+        """Import the plugins that add commands and let them add them to ``cli``."""
+        for name in [n for n in self._pending if "register_commands" in self._indexed(n).get("hooks", [])]:
+            self._load(name)
+        self.pm.hook.register_commands(cli=cli)
 
     def schema(self, name: str, stage: str) -> type:
         """The options schema ``name`` declares for ``stage`` (NoOptions when it declares none)."""
@@ -115,7 +225,7 @@ class Manager:
         return schema or NoOptions
 
     def check_stage(self, name: str, stage: str) -> None:
-        if not self.pm.has_plugin(name) or stage not in self.stages_of(name):
+        if not self.has(name) or stage not in self.stages_of(name):
             raise PluginError(f"no {stage} plugin named {name!r}" + did_you_mean(name, self.plugins_for(stage)))
 
     def call_stage(self, name: str, stage: str, **kwargs: Any) -> Any:

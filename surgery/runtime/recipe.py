@@ -19,6 +19,7 @@ options, validated against its schema.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ from surgery.runtime.manager import Manager
 
 TOP_KEYS = {"name", "seed", "plugins", "models", "data", "steps", "output", "device", "on_nonfinite"}
 NONFINITE_MODES = ("stop", "report")
-STEP_KEYS = {"plugin", "name", "models", "data", "inputs", "as"}
+STEP_KEYS = {"plugin", "name", "models", "data", "inputs", "as", "dtype"}
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 OUTPUT_MODEL = {"fuse": "merged", "prune": "pruned", "tune": "tuned"}
 # stages whose steps read every recipe model unless `models:` says otherwise
 ALL_MODEL_STAGES = {"capture", "score", "cluster", "align", "fuse", "evaluate"}
@@ -53,10 +55,13 @@ class Step:
     output_model: str | None
     options: Options
     raw_options: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None  # dtype of the model the step saves (None: the input's)
 
     @property
     def dirname(self) -> str:
-        return f"{self.index:02d}-{self.stage}-{self.plugin}"
+        """The step's folder in the run directory: ``NN-stage-plugin``, or ``NN-name`` for a named step."""
+        default = f"{self.index:02d}-{self.stage}-{self.plugin}"
+        return default if self.name == default else f"{self.index:02d}-{self.name}"
 
 
 @dataclass
@@ -152,11 +157,33 @@ def _override_step(raw: dict[str, Any], index: int, key: str, source: str) -> di
     return body
 
 
+def swap_plugins(raw: dict[str, Any], swaps: list[str], manager: Manager, source: str) -> dict[str, Any]:
+    """Apply ``--set-plugin N=PLUGIN``: step N runs PLUGIN, and the options it does not take are dropped."""
+    raw = copy.deepcopy(raw)
+    for item in swaps:
+        index, _, plugin = item.partition("=")
+        if not index.strip().isdigit() or not plugin.strip():
+            raise RecipeError(f"--set-plugin {item!r}: expected STEP_INDEX=PLUGIN, e.g. 0=ties", where=source)
+        body = _override_step(raw, int(index), f"steps.{index}.plugin", source)
+        stage = next(iter(raw["steps"][int(index)]))
+        try:
+            manager.check_stage(plugin.strip(), stage)
+        except PluginError as exc:
+            raise RecipeError(f"--set-plugin {item}: {exc}", where=source) from None
+        fields = manager.schema(plugin.strip(), stage).model_fields
+        for key in [k for k in body if k not in fields and k not in STEP_KEYS]:
+            del body[key]
+        body["plugin"] = plugin.strip()
+    return raw
+
+
 def load_recipe(
-    path: str | Path, manager: Manager, overrides: list[str] = (), output: str | None = None
+    path: str | Path, manager: Manager, overrides: list[str] = (), output: str | None = None,
+    swaps: list[str] = (),
 ) -> Recipe:
     """Read, override and validate a recipe file. Loads no model and no data."""
-    raw = apply_overrides(read_recipe_file(path), list(overrides), str(path))
+    raw = swap_plugins(read_recipe_file(path), list(swaps), manager, str(path))
+    raw = apply_overrides(raw, list(overrides), str(path))
     return validate(raw, manager, base_dir=Path(path).resolve().parent, source=str(path), output=output)
 
 
@@ -268,8 +295,18 @@ def _parse_step(item: Any, index: int, manager: Manager, where: str, source: str
     for key in ("name", "data", "as"):
         if key in core and not isinstance(core[key], str):
             raise RecipeError(f"{where}.{key}: expected a string", where=source)
+    if "name" in core and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", core["name"]):
+        raise RecipeError(f"{where}.name: {core['name']!r} names the step's folder: use letters, digits and . _ + -",
+                          where=source)
+    dtype = core.get("dtype")
+    if dtype is not None and stage not in OUTPUT_MODEL:
+        raise RecipeError(f"{where}.dtype: only steps that save a model ({', '.join(OUTPUT_MODEL)}) take an output dtype",
+                          where=source)
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise RecipeError(f"{where}.dtype: expected one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}", where=source)
     name = core.get("name") or f"{index:02d}-{stage}-{plugin}"
-    return Step(index, stage, plugin, name, models, core.get("data"), inputs, core.get("as"), options, options_raw)
+    return Step(index, stage, plugin, name, models, core.get("data"), inputs, core.get("as"), options, options_raw,
+                dtype)
 
 
 def _validate_options(
@@ -277,10 +314,15 @@ def _validate_options(
 ) -> Options:
     """Validate a step's options; validators that look names up read ``info.context["registries"]``."""
     allowed = list(schema.model_fields)
-    for key in raw:
-        if key not in schema.model_fields:
-            hint = did_you_mean(str(key), allowed + sorted(STEP_KEYS)) if allowed else " (this plugin takes no options)"
-            raise RecipeError(f"{where}.{key}: unknown key{hint}", where=source)
+    unknown = [str(key) for key in raw if key not in schema.model_fields]
+    if len(unknown) == 1:
+        key = unknown[0]
+        hint = did_you_mean(key, allowed + sorted(STEP_KEYS)) if allowed else " (this plugin takes no options)"
+        raise RecipeError(f"{where}.{key}: unknown key{hint}", where=source)
+    if unknown:  # typically left over from another plugin after --set steps.N.plugin=...
+        options = f"its options: {', '.join(allowed)}" if allowed else "it takes no options"
+        raise RecipeError(f"{where}: unknown keys {', '.join(unknown)} ({options}; --set-plugin N=PLUGIN swaps the "
+                          f"plugin and drops the keys it does not take)", where=source)
     try:
         return schema.model_validate(raw, context={"registries": registries})
     except pydantic.ValidationError as exc:

@@ -98,10 +98,14 @@ class Run:
 
     # --- steps ---------------------------------------------------------------------------------
     def upstream(self, step: Step, stage: str) -> Artifact:
+        return self.upstream_named(step, stage)[0]
+
+    def upstream_named(self, step: Step, stage: str) -> tuple[Artifact, str]:
+        """The artifact ``step`` reads for ``stage`` and the name of the step that made it."""
         wanted = step.inputs.get(stage)
         for name, (earlier, artifact) in reversed(list(self.finished.items())):
             if (wanted and name == wanted) or (not wanted and earlier.stage == stage):
-                return artifact
+                return artifact, name
         raise SurgeryError(f"step {step.index} ({step.stage}: {step.plugin}) needs an earlier {stage} step")
 
     def weighter(self) -> Any:
@@ -119,6 +123,8 @@ class Run:
             "data": data.model_dump(mode="json") if data is not None else None, "inputs": step.inputs,
             "seed": self.recipe.seed, "previous": previous, "as": step.output_model,
         }
+        if step.dtype is not None:  # only when set, so runs from before the key existed are still reused
+            record["dtype"] = step.dtype
         if self.recipe.on_nonfinite != "stop":  # a step that went on past NaN is not a clean one
             record["on_nonfinite"] = self.recipe.on_nonfinite
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
@@ -166,17 +172,22 @@ class Run:
             status = "ran"
             distributed.barrier()  # ranks > 0 read what rank 0 wrote
             artifact = Artifact.load(final)
-        nonfinite = _read_done(final).get("nonfinite", []) if distributed.rank() == 0 else []
+        done = _read_done(final) if distributed.rank() == 0 else {}
+        nonfinite = done.get("nonfinite", [])
         seconds = round(time.perf_counter() - start, 3)
+        if status == "reused" and "seconds" in done:  # the time the step took when it ran, not the reuse
+            seconds = done["seconds"]
         self.finished[step.name] = (step, artifact)
         if step.output_model and artifact.model_dir is not None:
             self.produced[step.output_model] = (artifact.model_dir, fp)
-        self.log(f"step {step.index} ({step.stage}: {step.plugin}) {status} in {seconds}s")
+        took = f"ran in {seconds}s" if status == "ran" else f"reused (it ran in {seconds}s)"
+        self.log(f"step {step.index} ({step.stage}: {step.plugin}) {took}")
         for finding in nonfinite:
             self.log(f"step {step.index} ({step.stage}: {step.plugin}): {finding}")
         entry = {
             "index": step.index, "name": step.name, "stage": step.stage, "plugin": step.plugin, "status": status,
             "seconds": seconds, "dir": step.dirname, "figures": artifact.figures, "model": step.output_model,
+            "read": done.get("read", {}),
         }
         if nonfinite:
             entry["nonfinite"] = nonfinite
@@ -191,6 +202,7 @@ class Run:
         tmp.mkdir(parents=True)
         self._partial = tmp
         ctx = StepContext(self, step, tmp)
+        started = time.perf_counter()
         torch.manual_seed(self.recipe.seed)
         where = f"step {step.index} ({step.stage}: {step.plugin})"
         with guards.policy(self.recipe.on_nonfinite) as found:
@@ -208,7 +220,8 @@ class Run:
         if artifact.model_dir is None and ctx.saved_model is not None:
             artifact.model_dir = ctx.saved_model
         artifact.save(tmp)
-        done = {"fingerprint": fp, "finished": _now(), "files": _file_sizes(tmp)}
+        done = {"fingerprint": fp, "finished": _now(), "files": _file_sizes(tmp),
+                "seconds": round(time.perf_counter() - started, 3), "read": ctx.read}
         if found.findings:
             done["nonfinite"] = found.findings
         write_json(tmp / DONE_FILE, done)

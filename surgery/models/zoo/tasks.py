@@ -28,12 +28,16 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from surgery.core.errors import DataError
 from surgery.models.zoo.tokenizer import COLOURS, IMAGE, SHAPES
+from surgery.core.lazy import lazy, no_grad
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy("torch")  # imported on first use: validating a recipe needs no torch
 
 SEQUENCE_ITEMS = 10
 SEQUENCE_LENGTHS = (3, 6)
@@ -198,7 +202,7 @@ _DRAWERS: dict[str, Callable[[random.Random], dict]] = {
 
 # --- scoring ----------------------------------------------------------------------------------
 
-@torch.no_grad()
+@no_grad
 def accuracy(model: torch.nn.Module, tokenizer: Any, task: str, n: int = 256, seed: int = 1,
              batch_size: int = 128, split: str = "test") -> float:
     """Exact-match accuracy of the whole answer on ``n`` held-out examples of ``task``.

@@ -5,8 +5,12 @@ tokenizer agree token for token. ``encode`` adds ``<bos>`` in front and ``<eos>`
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK, MASK, IMAGE = "<pad>", "<bos>", "<eos>", "<unk>", "<mask>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, MASK, IMAGE)
@@ -17,7 +21,7 @@ SHAPES = ("circle", "square", "triangle")
 VOCAB: tuple[str, ...] = SPECIAL_TOKENS + NUMBERS + TASK_TOKENS + COLOURS + SHAPES
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer() -> "PreTrainedTokenizerFast":
     """A fresh tokenizer over ``VOCAB`` (ids are the positions in ``VOCAB``; ``<pad>`` is 0)."""
     vocab = {token: i for i, token in enumerate(VOCAB)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
@@ -27,6 +31,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         pair=f"{BOS} $A {EOS} $B {EOS}",
         special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])],
     )
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK, mask_token=MASK,
