@@ -279,7 +279,7 @@ def format_report(rep: dict[str, Any]) -> str:
     lines = [f"run {rep['run']}"]
     for entry in rep["attribution"]:
         mode = f" ({entry['mode']})" if entry.get("mode") else ""
-        lines.append(f"\n{entry['name']} [{entry['step']}]: {entry['method']}{mode} over {entry['target']}, "
+        lines.append(f"\n{_named(entry)}: {entry['method']}{mode} over {entry['target']}, "
                      f"objective {entry['objective']}, {entry['samples']} samples{_took(entry)}")
         lines.append(f"  {SIGN_NOTE}")
         lines += [f"  {k:<16} {_fmt(entry['sign_stats'].get(k))}" for k in STAT_KEYS]
@@ -301,7 +301,7 @@ def format_report(rep: dict[str, Any]) -> str:
     for entry in rep["prune"]:
         requested = f" (requested {_fmt(entry['fraction'])})" if entry.get("fraction") is not None else ""
         source = f" from attribution step {entry['attribution']}" if entry.get("attribution") else ""
-        lines.append(f"\n{entry['name']} [{entry['step']}]: {entry['strategy']} prune of {entry['target']}{source} "
+        lines.append(f"\n{_named(entry)}: {entry['strategy']} prune of {entry['target']}{source} "
                      f"({entry['output']}), {_fmt(entry.get('fraction_pruned'))} pruned{requested}{_took(entry)}")
         lines.append(f"  {entry.get('objective') or 'objective'} {_fmt(entry['objective_before'])} -> "
                      f"{_fmt(entry['objective_after'])}, parameters removed {entry['params_removed']} of "
@@ -311,11 +311,16 @@ def format_report(rep: dict[str, Any]) -> str:
                          + ", ".join(f"{f:.3f} -> {_fmt(y)}" for f, y in entry["curve"]))
     for entry in rep.get("other", []):
         figures = ", ".join(f"{k}={_fmt(v)}" for k, v in entry["figures"].items())
-        lines.append(f"\n{entry['name']} [{entry['step']}]: {entry['stage']}: {entry['plugin']}{_took(entry)}"
+        lines.append(f"\n{_named(entry)}: {entry['stage']}: {entry['plugin']}{_took(entry)}"
                      + (f"\n  {figures}" if figures else ""))
     if not rep["attribution"] and not rep["prune"] and not rep.get("other"):
         lines.append("(no steps)")
     return "\n".join(lines)
+
+
+def _named(entry: dict[str, Any]) -> str:
+    """The step's recipe name, and its folder when that differs."""
+    return entry["name"] if entry["name"] == entry["step"] else f"{entry['name']} [{entry['step']}]"
 
 
 def _took(entry: dict[str, Any]) -> str:
@@ -434,8 +439,12 @@ def _draw_heatmap(ax: Any, scores_lu: torch.Tensor, limit: float, title: str, ta
 
 
 def _limit(*tensors: torch.Tensor) -> float:
-    finite = [t[torch.isfinite(t)].abs().max() for t in tensors if torch.isfinite(t).any()]
-    return float(max(finite)) if finite and float(max(finite)) > 0 else 1.0
+    """The symmetric colour limit: the largest |value| of the cells drawn (after binning)."""
+    import numpy as np
+
+    cells = [binned(t.detach().double().cpu().numpy())[0] for t in tensors]
+    finite = [float(np.nanmax(np.abs(c))) for c in cells if np.isfinite(c).any()]
+    return max(finite) if finite and max(finite) > 0 else 1.0
 
 
 def save_heatmap(scores_lu: torch.Tensor, path: Path, title: str, target: str = "heads",
@@ -443,11 +452,12 @@ def save_heatmap(scores_lu: torch.Tensor, path: Path, title: str, target: str = 
     """A layer x unit heatmap on a symmetric scale (blue = lowers the loss, red = raises it)."""
     plt = _pyplot()
     columns = min(scores_lu.shape[1], MAX_COLUMNS)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * columns + 2.5), max(3.0, 0.3 * scores_lu.shape[0] + 1.8)))
-    image = _draw_heatmap(ax, scores_lu, limit or _limit(scores_lu), title, target)
+    fig, ax = plt.subplots(figsize=(min(11.0, max(5.0, 0.35 * columns + 2.5)),
+                                    min(8.0, max(3.0, 0.3 * scores_lu.shape[0] + 2.2))), layout="constrained")
+    image = _draw_heatmap(ax, scores_lu, limit or _limit(scores_lu), f"{title}\n{SIGN_NOTE}", target)
+    ax.title.set_fontsize(8)
     fig.colorbar(image, ax=ax, label="attribution (< 0: useful)")
-    fig.text(0.01, 0.01, SIGN_NOTE, fontsize=7)
-    _save(fig, path)
+    _save(fig, path, tight=False)
 
 
 def save_heatmaps(steps: list[AttributionStep], path: Path, title: str) -> None:
@@ -456,8 +466,9 @@ def save_heatmaps(steps: list[AttributionStep], path: Path, title: str) -> None:
     limit = _limit(*(s.artifact.tensors["scores"] for s in steps))
     shape = steps[0].artifact.tensors["scores"].shape
     columns = min(shape[1], MAX_COLUMNS)
-    fig, axes = plt.subplots(1, len(steps), squeeze=False,
-                             figsize=(len(steps) * max(4.0, 0.35 * columns + 1.5) + 1.5, max(3.2, 0.3 * shape[0] + 2.0)))
+    fig, axes = plt.subplots(1, len(steps), squeeze=False, layout="constrained",
+                             figsize=(len(steps) * min(8.0, max(4.0, 0.35 * columns + 1.5)) + 1.5,
+                                      min(8.0, max(3.4, 0.3 * shape[0] + 2.4))))
     image = None
     for ax, step in zip(axes[0], steps):
         meta = step.artifact.meta
@@ -465,8 +476,7 @@ def save_heatmaps(steps: list[AttributionStep], path: Path, title: str) -> None:
                               f"{step.name}: {step.label}\n{meta.get('target')}, {meta.get('objective')}",
                               meta.get("target", "heads"))
     fig.colorbar(image, ax=list(axes[0]), label="attribution (shared scale; < 0: useful)")
-    fig.suptitle(title, fontsize=11)
-    fig.text(0.01, 0.01, SIGN_NOTE, fontsize=7)
+    fig.suptitle(f"{title}\n{SIGN_NOTE}", fontsize=9)
     _save(fig, path, tight=False)
 
 
@@ -510,9 +520,7 @@ def save_curve(curves: dict[str, list[tuple[float, float]]], path: Path, title: 
         line, = ax.plot(xs, ys, marker="o", label=name)
         colours[name] = line.get_color()
     for name, fraction in (chosen or {}).items():
-        ax.axvline(fraction, color=colours.get(name, "grey"), ls=":", lw=1.2)
-        ax.annotate(f"{name}: {fraction:.2f}", (fraction, 1.0), xycoords=("data", "axes fraction"), rotation=90,
-                    va="top", ha="right", fontsize=7, color=colours.get(name, "grey"))
+        ax.axvline(fraction, color=colours.get(name, "grey"), ls=":", lw=1.2, label=f"pruned by the step: {fraction:.3g}")
     ax.set_xlabel("fraction pruned")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -546,13 +554,14 @@ def plot_compare(run_a: Path, run_b: Path, out_dir: Path, step_a: str | None = N
     atts_a, atts_b = attribution_steps(run_a, step_a), attribution_steps(run_b, step_b)
     if atts_a and atts_b:
         a, b = atts_a[-1], atts_b[-1]
+        label_a, label_b = f"{Path(run_a).name}/{a.name} ({a.label})", f"{Path(run_b).name}/{b.name} ({b.label})"
         a.name, b.name = f"A {Path(run_a).name}/{a.name}", f"B {Path(run_b).name}/{b.name}"
         if a.scores.shape == b.scores.shape:
             path = out_dir / f"{stem}-heatmaps.png"
             save_heatmaps([a, b], path, f"{stem}: attribution, one colour scale")
             written.append(path)
             path = out_dir / f"{stem}-scatter.png"
-            save_scatter(a, b, path, f"{a.name} ({a.label})", f"{b.name} ({b.label})")
+            save_scatter(a, b, path, label_a, label_b)
             written.append(path)
     prunes = prune_steps(run_a) + prune_steps(run_b)
     if any(p.get("curve") for p in prunes):
@@ -574,7 +583,8 @@ def plot_prune_curves(prunes: list[dict[str, Any]], path: Path, title: str) -> N
             bands.setdefault(f"random ({p.get('target')})", []).append(points)
             continue
         source = f" <- {p['attribution']}" if p.get("attribution") else ""
-        label = f"{p['name']}: {p['strategy']}{source}"
+        run = f"{Path(p['run']).name}/" if len({q['run'] for q in prunes}) > 1 else ""
+        label = f"{run}{p['name']}: {p['strategy']}{source}"
         curves[label] = points
         if p.get("fraction_pruned") is not None:
             chosen[label] = float(p["fraction_pruned"])

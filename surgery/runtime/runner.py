@@ -175,7 +175,7 @@ class Run:
         done = _read_done(final) if distributed.rank() == 0 else {}
         nonfinite = done.get("nonfinite", [])
         seconds = round(time.perf_counter() - start, 3)
-        if status == "reused" and "seconds" in done:  # the time the step took when it ran, not the reuse
+        if "seconds" in done:  # the time the step's computation took (when reused: when it ran)
             seconds = done["seconds"]
         self.finished[step.name] = (step, artifact)
         if step.output_model and artifact.model_dir is not None:
