@@ -33,7 +33,7 @@ from pydantic import Field
 from surgery import hookimpl
 from surgery.artifacts import Artifact
 from surgery.errors import DataError, RecipeError
-from surgery.options import Options
+from surgery.options import Options, check_at_most
 from surgery import preference as po
 from surgery.sae import SparseAutoencoder, load_sae, model_inputs
 
@@ -196,6 +196,7 @@ class FPO:
         from surgery.sae import check_site
 
         site = check_site(sae, reference, where=ctx.where)
+        check_at_most(ctx.options.k, sae.cfg.d_sae, f"{ctx.where}.k", "features of the SAE")
         return FeatureConstraint(reference, sae, site, ctx.options.k)
 
 

@@ -48,7 +48,7 @@ from surgery import hookimpl
 from surgery.adapters import LayerView, neuron_slices
 from surgery.artifacts import Artifact
 from surgery.errors import ModelError, RecipeError, SurgeryError
-from surgery.options import Options
+from surgery.options import Options, check_at_most
 from surgery.permute import ensemble_similarity, invert, match
 from surgery.plugins.fam import gaussian_mi, kmeans, layer_seed, tensor_classes
 from surgery.plugins.lape import PathSettings, encode_model, probe_spec, prompt_ids
@@ -368,6 +368,7 @@ class LapeTefm:
         for model_index, name in enumerate(ctx.models):
             for layer in _layers(captured, name, ctx.where):
                 features = neuron_features(_phi(captured, name, layer, ctx.where))
+                check_at_most(ctx.options.k, features.shape[0], f"{ctx.where}.k", f"neurons of layer {layer} of {name!r}")
                 generator = torch.Generator().manual_seed(layer_seed(ctx.seed, model_index, layer))
                 tensors[f"{name}/{layer}/labels"] = spectral_clustering(features @ features.T, ctx.options.k, generator,
                                                                         ctx.options.iterations)
