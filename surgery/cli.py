@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from surgery.errors import SurgeryError, one_line
+from surgery.errors import SurgeryError, located, one_line
 from surgery.manager import Manager, get_manager
 from surgery.places import DOWNLOAD_ENV, allow_downloads, check_device, downloads_allowed, resolved_note
 from surgery.recipe import load_recipe
@@ -20,7 +20,10 @@ from surgery.recipe import load_recipe
 def _manager(plugin_refs: tuple[str, ...] = ()) -> Manager:
     manager = get_manager()
     for ref in plugin_refs:
-        manager.add(ref, Path.cwd())
+        try:
+            manager.add(ref, Path.cwd())
+        except SurgeryError as exc:
+            raise located(exc, "--plugin") from None
     return manager
 
 
@@ -188,7 +191,11 @@ def init(template: str, output: str | None) -> None:
         raise SurgeryError(f"{target} exists; choose another name with --output")
     from surgery.io import write_text
 
-    write_text(target, resources.files("surgery.templates").joinpath(f"{template}.yaml").read_text())
+    text = resources.files("surgery.templates").joinpath(f"{template}.yaml").read_text()
+    try:
+        write_text(target, text)
+    except OSError as exc:
+        raise SurgeryError(f"{target}: cannot write: {exc.strerror or exc}") from None
     click.echo(f"wrote {target}; run it with: surgery run {target}")
 
 
@@ -234,9 +241,8 @@ def _usage_line(exc: click.ClickException) -> str:
     """Click's usage error on one line, naming the command and where to read its help."""
     message = one_line(exc.format_message())
     ctx = getattr(exc, "ctx", None)
-    if ctx is None:
-        return message
-    return f"{ctx.command_path}: {message} (see '{ctx.command_path} --help')"
+    command = ctx.command_path if ctx is not None else "surgery"
+    return f"{command}: {message} (see '{command} --help')"
 
 
 def main() -> None:
@@ -247,7 +253,7 @@ def main() -> None:
     _quiet_transformers()
     try:
         _add_plugin_commands()
-        code = cli.main(standalone_mode=False)
+        code = cli.main(standalone_mode=False, prog_name="surgery")
         if isinstance(code, int) and code:
             sys.exit(code)
     except click.exceptions.Abort:

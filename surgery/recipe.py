@@ -26,7 +26,7 @@ from typing import Any
 import pydantic
 
 from surgery import safe_yaml
-from surgery.errors import PluginError, RecipeError, SurgeryError
+from surgery.errors import PluginError, RecipeError, SurgeryError, located
 from surgery.hookspecs import STAGES
 from surgery.manager import Manager
 from surgery.options import Options
@@ -83,10 +83,12 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise RecipeError("is a directory, not a recipe file", where=str(path))
+    if path.exists() and not path.is_file():
+        raise RecipeError("not a regular file (a device, pipe or socket is never read as a recipe)", where=str(path))
     if not path.is_file():
         raise RecipeError("recipe file not found", where=str(path))
-    limit = safe_yaml.max_bytes()
     try:
+        limit = safe_yaml.max_bytes()
         size = path.stat().st_size
         if size > limit:
             raise RecipeError(f"{size} bytes, more than the {limit}-byte limit (raise it with ${safe_yaml.SIZE_ENV})",
@@ -96,6 +98,8 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         raise RecipeError("not UTF-8 text", where=str(path)) from None
     except OSError as exc:
         raise RecipeError(f"cannot read the recipe: {exc.strerror or exc}", where=str(path)) from None
+    except RecipeError as exc:
+        raise located(exc, str(path)) from None
     raw = safe_yaml.load(text, where=str(path))
     if raw is None:
         raise RecipeError("the recipe is empty", where=str(path))
@@ -327,8 +331,8 @@ def _check_string_keys(raw: dict[str, Any], source: str) -> None:
             for key, item in value.items():
                 if not isinstance(key, str):
                     place = f"{where}: key" if where else "key"
-                    raise RecipeError(f"{place} {_short_repr(key)} is a {type(key).__name__}, not a string "
-                                      "(quote it)", where=source)
+                    raise RecipeError(f"{place} {_short_repr(key)} is not a string ({type(key).__name__}; quote it)",
+                                      where=source)
                 stack.append((item, f"{where}.{key}" if where else key))
         elif isinstance(value, list):
             stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))

@@ -315,9 +315,8 @@ def first_forced(recipe: Recipe, force: str | None) -> int:
     for step in recipe.steps:
         if force in (step.name, str(step.index), step.dirname):
             return step.index
-    choices = [step.name for step in recipe.steps]
-    raise SurgeryError(f"--force {force!r}: no such step (steps: 0-{len(choices) - 1} or {', '.join(choices)})"
-                       + did_you_mean(force, choices), where=recipe.source)
+    choices = list(dict.fromkeys(name for step in recipe.steps for name in (step.name, step.dirname)))
+    raise SurgeryError(f"--force {force!r}: no such step" + did_you_mean(force, choices), where=recipe.source)
 
 
 def _make_run_dir(path: Path) -> None:
