@@ -24,9 +24,9 @@ import torch
 from pydantic import Field
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.errors import RecipeError
-from surgery.options import Options
+from surgery.core.artifacts import Artifact
+from surgery.core.options import Options
+from surgery.core.errors import RecipeError
 
 
 class TlinpOptions(Options):
