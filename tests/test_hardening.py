@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from surgery import safe_yaml
-from surgery.errors import RecipeError, SurgeryError
+from surgery.core import safe_yaml
+from surgery.core.errors import RecipeError, SurgeryError
 
 PLUGIN = '''\
 """A cheap evaluate plugin: one figure, no model work."""
 from surgery import hookimpl
-from surgery.artifacts import Artifact
+from surgery.core.artifacts import Artifact
 
 PLUGIN_NAME = "{name}"
 VALUE = {value}
@@ -150,7 +150,7 @@ def test_allow_download_opts_in(tmp_path, monkeypatch, surgery_cli, no_network):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from surgery.runlock import RunLock
+from surgery.core.runlock import RunLock
 lock = RunLock(Path(sys.argv[1]))
 lock.acquire()
 print("locked", flush=True)
@@ -201,7 +201,7 @@ def test_two_cli_runs_at_once(tmp_path, tiny_checkpoints):
         import time
         from pathlib import Path
         from surgery import hookimpl
-        from surgery.artifacts import Artifact
+        from surgery.core.artifacts import Artifact
         PLUGIN_NAME = "gate"
 
         @hookimpl
@@ -248,15 +248,14 @@ def test_editing_a_local_plugin_reruns_its_steps(tmp_path, monkeypatch, surgery_
 
 
 def test_plugin_identity():
-    from surgery import __version__
-    from surgery.manager import get_manager
+    from surgery.core.version import VERSION
+    from surgery.runtime.manager import Manager
 
-    manager = get_manager()
-    assert manager.identity("linear") == f"model-surgery {__version__}"
+    assert Manager().identity("linear") == f"model-surgery {VERSION}"
 
 
 def test_local_plugin_identity_is_its_content(tmp_path):
-    from surgery.manager import Manager
+    from surgery.runtime.manager import Manager
 
     manager = Manager(load_entrypoints=False)
     (tmp_path / "ident_plugin.py").write_text(PLUGIN.format(name="ident", value=1.0))
@@ -325,15 +324,15 @@ def test_a_log_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, surgery
 
 def test_output_replaced_by_a_file_after_validation(tmp_path, tiny_checkpoints):
     """The run creates its directory itself and says so in one line when it cannot."""
-    from surgery.manager import get_manager
-    from surgery.recipe import load_recipe
-    from surgery.runner import run_recipe
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import load_recipe
+    from surgery.runtime.runner import run_recipe
 
-    recipe = load_recipe(write_recipe(tmp_path, tiny_checkpoints[0], "cheap-race"), get_manager(),
-                         output=str(tmp_path / "later"))
+    manager = Manager()
+    recipe = load_recipe(write_recipe(tmp_path, tiny_checkpoints[0], "cheap-race"), manager, output=str(tmp_path / "later"))
     (tmp_path / "later").write_text("a file now")
     with pytest.raises(SurgeryError, match="exists and is not a directory"):
-        run_recipe(recipe, get_manager())
+        run_recipe(recipe, manager)
 
 
 # --- devices --------------------------------------------------------------------------------------
@@ -341,7 +340,7 @@ def test_output_replaced_by_a_file_after_validation(tmp_path, tiny_checkpoints):
 def test_devices_follow_what_torch_has(monkeypatch):
     import torch
 
-    from surgery.places import check_device
+    from surgery.core.places import check_device
 
     assert check_device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -360,14 +359,14 @@ def test_devices_follow_what_torch_has(monkeypatch):
 # --- models a step reads --------------------------------------------------------------------------
 
 def test_evaluate_after_an_unsaved_prune_reads_the_saved_models(tmp_path):
-    from surgery.manager import get_manager
-    from surgery.recipe import validate
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import validate
 
     raw = {"models": {"a": "builtin:tiny-llama/base"},
            "data": {"probe": {"source": "synthetic", "tasks": ["copy"], "max_samples": 4}},
            "steps": [{"prune": {"plugin": "random", "fraction": 0.25, "save_model": False}},
                      {"prune": {"plugin": "random", "fraction": 0.25, "models": ["a"], "as": "kept"}},
                      {"evaluate": {"plugin": "tasks"}}]}
-    recipe = validate(raw, get_manager(), base_dir=tmp_path, output=str(tmp_path / "run"))
+    recipe = validate(raw, Manager(), base_dir=tmp_path, output=str(tmp_path / "run"))
     assert recipe.steps[0].output_model is None
     assert recipe.steps[2].models == ["a", "kept"]
