@@ -55,7 +55,6 @@ class Step:
     output_model: str | None
     options: Options
     raw_options: dict[str, Any] = field(default_factory=dict)
-    raw_core: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dirname(self) -> str:
@@ -79,7 +78,7 @@ class Recipe:
 
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
-    """Parse a recipe file with bounded safe YAML (:mod:`surgery.safe_yaml`); one-line errors for
+    """Parse a recipe file with bounded safe YAML (:mod:`surgery.core.safe_yaml`); one-line errors for
     every way it can fail."""
     path = Path(path)
     if path.is_dir():
@@ -206,12 +205,15 @@ def _validate_steps(steps_raw: list, manager: Manager, models: dict, data: dict,
     steps: list[Step] = []
     known_models = list(models)
     unsaved: dict[str, str] = {}  # model a step would make but does not save -> that step
+    latest_unsaved: str | None = None  # that model, when the latest step making one saves none
     names: set[str] = set()
     for index, item in enumerate(steps_raw):
         step = _parse_step(item, index, manager, f"steps[{index}]", source)
         where = f"steps[{index}].{step.stage}"
-        if not step.models:
-            _check_default_saved(step, steps, unsaved, where, source)
+        if not step.models and latest_unsaved and step.stage not in ALL_MODEL_STAGES | {"evaluate"}:
+            raise RecipeError(f"{where}.models: by default this step reads {latest_unsaved!r}, which "
+                              f"{unsaved[latest_unsaved]} does not save (save_model: false); name the models: this "
+                              "step reads, or save that model", where=source)
         step.models = step.models or _default_models(step.stage, known_models, steps, list(models))
         for model in step.models:
             if model in unsaved:
@@ -231,29 +233,21 @@ def _validate_steps(steps_raw: list, manager: Manager, models: dict, data: dict,
             raise RecipeError(f"{where}.name: duplicate step name {step.name!r}", where=source)
         names.add(step.name)
         if step.stage in OUTPUT_MODEL:
+            named = step.output_model is not None
             step.output_model = step.output_model or _fresh_name(OUTPUT_MODEL[step.stage], known_models, index)
             if step.output_model in models:
                 raise RecipeError(f"{where}.as: {step.output_model!r} is already a recipe model", where=source)
-            if getattr(step.options, "save_model", True) is False:
-                if "as" in step.raw_core:
+            latest_unsaved = None
+            if getattr(step.options, "save_model", True) is False:  # e.g. prune's report-only mode
+                if named:
                     raise RecipeError(f"{where}.as: names a model this step does not save (save_model: false)", where=source)
                 unsaved[step.output_model] = where
+                latest_unsaved = step.output_model
                 step.output_model = None
             else:
                 known_models.append(step.output_model)
         steps.append(step)
     return steps
-
-
-def _check_default_saved(step: Step, previous: list[Step], unsaved: dict[str, str], where: str, source: str) -> None:
-    """A step that by default reads the latest model a step made must not follow one that saves none."""
-    if step.stage in ALL_MODEL_STAGES or step.stage == "evaluate" or not previous:
-        return
-    makers = [s for s in previous if s.stage in OUTPUT_MODEL]
-    if makers and makers[-1].output_model is None:
-        maker = next(name for name, place in unsaved.items() if place.startswith(f"steps[{makers[-1].index}]."))
-        raise RecipeError(f"{where}.models: by default this step reads {maker!r}, which {unsaved[maker]} does not save "
-                          "(save_model: false); name the models: this step reads, or save that model", where=source)
 
 
 def _parse_step(item: Any, index: int, manager: Manager, where: str, source: str) -> Step:
@@ -293,7 +287,7 @@ def _parse_step(item: Any, index: int, manager: Manager, where: str, source: str
         if key in core and not isinstance(core[key], str):
             raise RecipeError(f"{where}.{key}: expected a string", where=source)
     name = core.get("name") or f"{index:02d}-{stage}-{plugin}"
-    return Step(index, stage, plugin, name, models, core.get("data"), inputs, core.get("as"), options, options_raw, core)
+    return Step(index, stage, plugin, name, models, core.get("data"), inputs, core.get("as"), options, options_raw)
 
 
 def _validate_options(

@@ -15,6 +15,11 @@ unchanged and whose files are all there with their recorded sizes. Steps are wri
 temporary directory and renamed into place, so a crash never leaves a directory that looks
 finished, and a file cut short later is never read as valid.
 
+The fingerprint includes the plugin's identity (distribution version, or a hash of a local plugin
+file), so an edited plugin runs again; ``force`` (``surgery run --force [STEP]``) computes a step
+and those after it again regardless. While it runs, rank 0 holds ``<output>/.lock``
+(:mod:`surgery.core.runlock`): a second run on the same directory stops with one line.
+
 A step that fails leaves nothing behind: its temporary directory is removed, and so is the run
 directory when this run created it and no step finished. Errors carry the recipe file and the step.
 Non-finite values are handled by :mod:`surgery.core.guards` under the recipe's ``on_nonfinite``.
