@@ -4,7 +4,7 @@ Stages, for MLP neurons i of every layer (a_i = channel i of the down projection
 write direction, x / y the MLP's input / output, w_t the token weights of the recipe's ``weight``
 step, plain mean by default, TLINP with ``- weight: {plugin: tlinp}``):
 
-- ``capture``  streamed over the probe set with :mod:`surgery.capture` (memory independent of the
+- ``capture``  streamed over the probe set with :mod:`surgery.engines.capture` (memory independent of the
   number of tokens): weighted sums of a_i, |a_i|, a_i^2, x, y, s_i = <y, d_i/|d_i|>, s_i^2, a_i s_i,
   the diagonal Fisher sum of w_t (dL/da_i)^2 (a backward pass of the ``objective``, causal-LM by
   default, L = sum over rows of the row-mean NLL) and a random-projection sketch of a_i over the
@@ -19,7 +19,7 @@ step, plain mean by default, TLINP with ``- weight: {plugin: tlinp}``):
   identity without one): ``W*_i = sum_m s_m W_m,pi_m(i) / sum_m s_m`` (s = FAI; base included) on
   the gate/up rows and down columns; every other tensor is ``(1 - blend) W_base + blend mean(W_donors)``
   with ``blend`` per tensor class, or kept from the base (``keep: [norms, ...]``). Heterogeneous
-  pairs pair tensors through ``map:`` (:mod:`surgery.hetero`).
+  pairs pair tensors through ``map:`` (:mod:`surgery.models.hetero`).
 
 Deviations from the seeds are in docs/methods/fam.md.
 """
@@ -31,17 +31,15 @@ import torch
 from pydantic import Field
 
 from surgery import hookimpl
-from surgery.adapters import ModelView, neuron_slices
-from surgery.artifacts import Artifact
-from surgery.capture import Capture, Stats, Stream, mlp_activations, mlp_inputs, mlp_outputs, mlp_write_projection
-from surgery.errors import RecipeError, SurgeryError
-from surgery.hetero import checkpoint_names
-from surgery.options import Options
-from surgery.plugins.merge_baselines import MAP_HELP, map_option, stream_merge_named
-
-TensorClass = Literal["mlp", "attention", "norms", "embeddings", "lm_head", "other"]
-RHO_MAX = 1 - 1e-6
-
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import RecipeError, SurgeryError
+from surgery.core.options import Options
+from surgery.engines.capture import (
+    Capture, Stats, Stream, mlp_activations, mlp_inputs, mlp_outputs, mlp_write_projection
+)
+from surgery.engines.merge import MAP_HELP, TensorClass, map_option, stream_merge_named, tensor_classes
+from surgery.engines.statistics import gaussian_mi, kmeans, layer_seed
+from surgery.models.adapters import ModelView
 
 # --- options -----------------------------------------------------------------------------------
 
@@ -66,6 +64,15 @@ class FuseOptions(Options):
     blend_by_class: dict[TensorClass, float] = Field({}, description="blend per tensor class (overrides blend)")
     keep: list[TensorClass] = Field([], description="tensor classes kept from the base model")
     score_power: float = Field(1.0, ge=0, description="neurons are weighted by FAI**score_power (1: DESIGN; 0: plain mean)")
+    normalize: Literal["none", "layer"] = Field("none", description="'layer': divide each model's FAI by its mean over "
+                                               "the layer's neurons first, so no model outweighs another by scale")
+    pool: Literal["neuron", "ensemble", "ensemble-share"] = Field(
+        "neuron", description="'ensemble': each model's score for a neuron is its mean score over the base neuron's "
+        "ensemble; 'ensemble-share': each model's share c_m is averaged over the ensemble (both need a cluster step)")
+    parent: str | None = Field(None, description="recipe model C all models were fine-tuned from: merge task vectors "
+                               "W* = W_C + scale * sum_m N c_m (W_m - W_C) (c_m the FAM weights; blend unused)")
+    scale: float = Field(0.5, description="with a parent: lambda on the summed task vectors (0.5 with equal weights "
+                         "and two models = the plain average; 1 = task arithmetic)")
     map: str | dict | None = Field(None, description=MAP_HELP)
     max_shard_mb: float | None = Field(256.0, gt=0, description="cap on each output safetensors shard (MiB)")
 
@@ -121,11 +128,6 @@ def layers_of(artifact: Artifact, model: str, where: str) -> list[str]:
 
 # --- score -------------------------------------------------------------------------------------
 
-def gaussian_mi(rho: torch.Tensor) -> torch.Tensor:
-    """MI of two jointly Gaussian variables with correlation rho: -0.5 log(1 - rho^2)."""
-    rho = rho.clamp(-RHO_MAX, RHO_MAX)
-    return -0.5 * torch.log1p(-rho.square())
-
 
 def fai(stats: Stats, eps: float = 1e-8) -> dict[str, torch.Tensor]:
     """FAI_i = |A_i| * MI_i / (Hess_i + eps) and its three terms, each [intermediate]."""
@@ -143,122 +145,80 @@ def neuron_features(stats: Stats) -> torch.Tensor:
     return torch.nn.functional.normalize(sketch_ki.t().double(), dim=1)
 
 
-def kmeans(features_nf: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 50) -> torch.Tensor:
-    """Spherical k-means (cosine), k-means++ start; int64 labels [n] using every id 0..k-1."""
-    n = features_nf.shape[0]
-    k = min(k, n)
-    centres = _kmeans_pp(features_nf, k, generator)
-    labels = torch.full((n,), -1, dtype=torch.long)
-    for _ in range(iterations):
-        new = (features_nf @ centres.T).argmax(dim=1)
-        new = _fill_empty(features_nf, centres, new, k)
-        if torch.equal(new, labels):
-            break
-        labels = new
-        for c in range(k):
-            centres[c] = torch.nn.functional.normalize(features_nf[labels == c].sum(0), dim=0)
-    return labels
-
-
-def _kmeans_pp(features_nf: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    n = features_nf.shape[0]
-    chosen = [int(torch.randint(n, (1,), generator=generator))]
-    distance_n = 1 - features_nf @ features_nf[chosen[0]]
-    for _ in range(1, k):
-        p = distance_n.clamp_min(0)
-        p = p / p.sum() if p.sum() > 0 else torch.full_like(p, 1 / n)
-        chosen.append(int(torch.multinomial(p.float(), 1, generator=generator)))
-        distance_n = torch.minimum(distance_n, 1 - features_nf @ features_nf[chosen[-1]])
-    return features_nf[chosen].clone()
-
-
-def _fill_empty(features_nf: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Give every empty cluster the point farthest from its own centre (deterministic)."""
-    labels = labels.clone()
-    for c in range(k):
-        if (labels == c).any():
-            continue
-        fit_n = (features_nf * centres[labels]).sum(1)
-        sizes = torch.bincount(labels, minlength=k)
-        fit_n[sizes[labels] <= 1] = float("inf")  # never empty another cluster
-        labels[int(fit_n.argmin())] = c
-    return labels
-
-
-def layer_seed(seed: int, model_index: int, layer: str) -> int:
-    return (seed * 1_000_003 + model_index * 10_007 + int(layer)) % 2**63
-
-
 # --- fuse --------------------------------------------------------------------------------------
 
-def tensor_classes(module: torch.nn.Module, view: ModelView) -> tuple[dict[str, TensorClass], dict[str, list]]:
-    """(class of every tensor, neuron slices ``[(layer, axis, offset)]`` per tensor), both keyed by
-    checkpoint tensor name."""
-    prefixes: dict[str, TensorClass] = {view.embed: "embeddings"}
-    if view.lm_head:
-        prefixes[view.lm_head] = "lm_head"
-    if view.final_norm:
-        prefixes[view.final_norm] = "norms"
-    slices: dict[str, list] = {}
-    for layer in view.layers:
-        for path in (layer.attn.out_proj, layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj, layer.attn.qkv_proj):
-            if path:
-                prefixes[path] = "attention"
-        for path in layer.norms:
-            prefixes[path] = "norms"
-        for path in (layer.mlp.down, layer.mlp.up, layer.mlp.gate):
-            if path:
-                prefixes[path] = "mlp"
-        for item in neuron_slices(module, layer.mlp):
-            slices.setdefault(item.name, []).append((str(layer.index), item.axis, item.offset))
-    saved_as = checkpoint_names(module)
-    classes = {saved_as[name]: class_of(name, prefixes) for name in saved_as}
-    return classes, {saved_as.get(name, name): value for name, value in slices.items()}
 
-
-def class_of(name: str, prefixes: dict[str, TensorClass]) -> TensorClass:
-    module = name.rpartition(".")[0]
-    while module:
-        if module in prefixes:
-            return prefixes[module]
-        module = module.rpartition(".")[0]
-    return "other"
-
-
-def fuse_neurons(tensors: list[torch.Tensor], scores: list[torch.Tensor], axis: int, offset: int) -> torch.Tensor:
-    """Importance-weighted mean of already aligned tensors over the neuron block at ``offset`` along
-    ``axis``: slice i = sum_m s_m[i] W_m[i] / sum_m s_m[i] (equal weights where all s_m[i] are 0)."""
+def neuron_coefficients(scores: list[torch.Tensor]) -> torch.Tensor:
+    """c_m[i] = s_m[i] / sum_m s_m[i] (negative scores count as 0; equal shares where all are 0): [M, I]."""
     s_mi = torch.stack([s.double() for s in scores]).clamp_min(0)
     total_i = s_mi.sum(0)
-    coef_mi = torch.where(total_i > 0, s_mi / total_i.clamp_min(1e-300), torch.full_like(s_mi, 1 / len(scores)))
+    return torch.where(total_i > 0, s_mi / total_i.clamp_min(1e-300), torch.full_like(s_mi, 1 / len(scores)))
+
+
+def fuse_neurons(tensors: list[torch.Tensor], scores: list[torch.Tensor], axis: int, offset: int,
+                 parent: torch.Tensor | None = None, scale: float = 0.5) -> torch.Tensor:
+    """Importance-weighted merge of already aligned tensors over the neuron block at ``offset`` along
+    ``axis``: slice i = sum_m c_m[i] W_m[i] (:func:`neuron_coefficients`), or with a ``parent`` W_C
+    ``W_C[i] + scale * sum_m M c_m[i] (W_m[i] - W_C[i])``; the rest of the tensor is the first model's."""
+    coef_mi = neuron_coefficients(scores)
     out = tensors[0].clone()
     n = coef_mi.shape[1]
     block = [t.narrow(axis, offset, n).double() for t in tensors]
     shape = [1] * out.dim()
     shape[axis] = n
-    mixed = sum(c.view(shape) * b for c, b in zip(coef_mi, block))
+    if parent is None:
+        mixed = sum(c.view(shape) * b for c, b in zip(coef_mi, block))
+    else:
+        origin = parent.narrow(axis, offset, n).double()
+        mixed = origin + scale * len(tensors) * sum(c.view(shape) * (b - origin) for c, b in zip(coef_mi, block))
     out.narrow(axis, offset, n).copy_(mixed.to(out.dtype))
     return out
 
 
+def pooled(scores_i: torch.Tensor, labels_i: torch.Tensor) -> torch.Tensor:
+    """Each neuron's score replaced by the mean score of its ensemble: [I]."""
+    k = int(labels_i.max()) + 1
+    one_ik = torch.nn.functional.one_hot(labels_i.long(), k).double()
+    means_k = (one_ik.T @ scores_i.double()) / one_ik.sum(0).clamp_min(1)
+    return means_k[labels_i.long()]
+
+
+def prepared_scores(scores_i: torch.Tensor, normalize: str, power: float) -> torch.Tensor:
+    """``(s / mean s) ** power`` (``normalize: layer``) or ``s ** power``, negatives as 0."""
+    s = scores_i.double().clamp_min(0)
+    if normalize == "layer" and s.mean() > 0:
+        s = s / s.mean()
+    return s ** power
+
+
 class FamFuser:
-    """``combine(name, tensors)`` for :func:`stream_merge_named`: FAM on neuron slices, blend elsewhere."""
+    """``combine(name, tensors)`` for :func:`stream_merge_named`: FAM on neuron slices, blend elsewhere.
+
+    ``tensors`` are the models' (base first), then the parent's when ``opts.parent`` is set;
+    ``labels`` are the base model's ensemble labels per layer (used with ``pool: ensemble``).
+    """
 
     def __init__(self, classes: dict[str, TensorClass], slices: dict, scores: list[dict[str, torch.Tensor]],
-                 perms: list[dict[str, torch.Tensor]], opts: FuseOptions) -> None:
+                 perms: list[dict[str, torch.Tensor]], opts: FuseOptions,
+                 labels: dict[str, torch.Tensor] | None = None) -> None:
         self.classes, self.slices, self.scores, self.perms, self.opts = classes, slices, scores, perms, opts
+        self.labels = labels or {}
 
     def __call__(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        parent = tensors[-1] if self.opts.parent else None
+        models = tensors[:-1] if self.opts.parent else tensors
         klass = self.classes.get(name, "other")
         if klass in self.opts.keep:
-            return tensors[0]
+            return models[0]
         if name in self.slices:
-            return self._neurons(name, tensors)
+            return self._neurons(name, models, parent)
+        if parent is not None:
+            return parent + self.opts.scale * sum(t - parent for t in models)
         blend = self.opts.blend_by_class.get(klass, self.opts.blend)
-        donors = torch.stack(tensors[1:]).mean(0)
-        return (1 - blend) * tensors[0] + blend * donors
+        donors = torch.stack(models[1:]).mean(0)
+        return (1 - blend) * models[0] + blend * donors
 
-    def _neurons(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _neurons(self, name: str, tensors: list[torch.Tensor], parent: torch.Tensor | None) -> torch.Tensor:
         out = tensors
         for layer, axis, offset in self.slices[name]:
             aligned = [out[0]]
@@ -273,7 +233,11 @@ class FamFuser:
                 index[offset:offset + perm.numel()] = perm + offset
                 aligned.append(tensor.index_select(axis, index))
                 scores.append(self.scores[donor][layer][perm])
-            fused = fuse_neurons(aligned, scores, axis, offset)
+            if self.opts.pool == "ensemble":
+                scores = [pooled(s, self.labels[layer]) for s in scores]
+            elif self.opts.pool == "ensemble-share":
+                scores = [pooled(c, self.labels[layer]) for c in neuron_coefficients(scores)]
+            fused = fuse_neurons(aligned, scores, axis, offset, parent, self.opts.scale)
             out = [fused] + aligned[1:]
         return out[0]
 
@@ -344,13 +308,27 @@ class Fam:
         base = ctx.model(ctx.models[0])
         classes, slices = tensor_classes(base.module, base.view)
         scored = ctx.upstream("score")
-        scores = [{layer: s.double() ** opts.score_power for layer, s in _scores_of(scored, name, ctx.where).items()}
-                  for name in ctx.models]
+        scores = [{layer: prepared_scores(s, opts.normalize, opts.score_power)
+                   for layer, s in _scores_of(scored, name, ctx.where).items()} for name in ctx.models]
         perms = _perms(ctx, ctx.models[1:])
-        fuser = FamFuser(classes, slices, scores, perms, opts)
-        artifact = stream_merge_named(ctx, fuser, opts.max_shard_mb, map_option(ctx))
-        artifact.meta.update(blend=opts.blend, keep=opts.keep, aligned=any(perms))
+        labels = _base_labels(ctx) if opts.pool != "neuron" else None
+        fuser = FamFuser(classes, slices, scores, perms, opts, labels)
+        models = [*ctx.models, opts.parent] if opts.parent else None
+        artifact = stream_merge_named(ctx, fuser, opts.max_shard_mb, map_option(ctx), models=models)
+        artifact.meta.update(blend=opts.blend, keep=opts.keep, aligned=any(perms), pool=opts.pool,
+                             parent=opts.parent, normalize=opts.normalize, score_power=opts.score_power)
         return artifact
+
+
+def _base_labels(ctx) -> dict[str, torch.Tensor]:
+    """The base model's ensemble labels per layer from the upstream cluster step."""
+    try:
+        clusters = ctx.upstream("cluster")
+    except SurgeryError:
+        raise SurgeryError(f"{ctx.where}.pool: {ctx.options.pool!r} needs a `cluster` step before the fuse") from None
+    base = ctx.models[0]
+    return {key[len(base) + 1:-len("/labels")]: value for key, value in clusters.tensors.items()
+            if key.startswith(f"{base}/") and key.endswith("/labels")}
 
 
 def _scores_of(scored: Artifact, name: str, where: str) -> dict[str, torch.Tensor]:
