@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from surgery.suite import build as suite_build
-from surgery.suite.tasks import SPLITS, TASKS, check_answer, make_examples, split_of
-from surgery.suite.train import MAX_TOKENS, score_examples
+from surgery.models.suite import build as suite_build
+from surgery.models.suite.tasks import SPLITS, TASKS, check_answer, make_examples, split_of
+from surgery.models.suite.train import MAX_TOKENS, score_examples
 
 VOCAB = 257  # 256 bytes + <pad>
 
@@ -70,7 +70,7 @@ def test_all_interleaves_the_tasks():
 
 
 def test_unknown_task_is_a_data_error():
-    from surgery.errors import DataError
+    from surgery.core.errors import DataError
 
     with pytest.raises(DataError, match="did you mean 'spell'"):
         make_examples("spel", 1)
@@ -156,9 +156,9 @@ def test_names_round_trip():
 
 
 def test_recipe_scores_suite_data_through_the_evaluator(tmp_path):
-    from surgery.manager import Manager
-    from surgery.recipe import validate
-    from surgery.runner import run_recipe
+    from plugin_registries import manager as shared_manager
+    from surgery.runtime.recipe import validate
+    from surgery.runtime.runner import run_recipe
 
     parent = tiny_parent(tmp_path / "parent")
     raw = {"name": "suite", "models": {"m": str(parent)},
@@ -166,7 +166,7 @@ def test_recipe_scores_suite_data_through_the_evaluator(tmp_path):
            "steps": [{"evaluate": {"plugin": "suite", "models": ["m"], "n": 4}},
                      {"evaluate": {"plugin": "suite", "models": ["m"], "data": "val", "from_data": True}}],
            "output": str(tmp_path / "run")}
-    manager = Manager()
+    manager = shared_manager()
     report = run_recipe(validate(raw, manager, base_dir=tmp_path, source="suite"), manager, quiet=True)
     generated, given = (step["figures"] for step in report["steps"])
     assert set(generated) >= {f"m/{task}" for task in TASKS} | {f"m/nll/{task}" for task in TASKS}
@@ -175,8 +175,7 @@ def test_recipe_scores_suite_data_through_the_evaluator(tmp_path):
 
 
 def test_suite_names_are_registered_builtins():
-    from surgery.manager import get_manager
-    from surgery.models import MODELS
+    from plugin_registries import registries
 
-    get_manager()
-    assert "smollm2-135m/shift@s2" in MODELS and "smollm2-135m/reverse" in MODELS
+    models = registries().models
+    assert "smollm2-135m/shift@s2" in models and "smollm2-135m/reverse" in models

@@ -1,5 +1,5 @@
 """The SmolLM2 task suite as a plugin: fine-tunes as ``builtin:`` models, a data source, an evaluator
-and the ``surgery suite`` commands (see :mod:`surgery.suite`).
+and the ``surgery suite`` commands (see :mod:`surgery.models.suite`).
 
 - models ``builtin:smollm2-135m/<task>`` (fine-tuning seed 0) and ``builtin:smollm2-135m/<task>@s<N>``
   (seeds 1..4), tasks ``add``, ``spell``, ``shift``, ``reverse``: full float32 fine-tunes of
@@ -21,15 +21,16 @@ import click
 from pydantic import Field, field_validator
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.errors import DataError
-from surgery.options import Options
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import DataError
+from surgery.core.options import Options
 
 DEFAULT_EXAMPLES = 64
+PARENT = "smollm2-135m"
 
 
 def _known_tasks(value: Any) -> Any:
-    from surgery.suite.tasks import resolve_tasks
+    from surgery.models.suite.tasks import resolve_tasks
 
     if value is not None:
         try:
@@ -63,10 +64,13 @@ class SuiteEvalOptions(Options):
 
 @hookimpl
 def register_models(register):
-    from surgery.suite import build
+    from surgery.models.suite import build
 
+    # `register` is the models registry's own method: its registry also holds the parent, which the
+    # real-models plugin registers, so a fine-tune finds its parent by name without importing it
+    models = getattr(register, "__self__", None)
     for name in build.names():
-        register(name, _builder(name))
+        register(name, _builder(name, models))
 
 
 @hookimpl
@@ -79,27 +83,29 @@ def register_commands(cli):
     cli.add_command(suite_group)
 
 
-def _builder(name: str):
+def _builder(name: str, models: Any):
     def build(cache_dir):
-        from surgery.suite import build as suite_build
+        from surgery.models.suite import build as suite_build
 
         task, seed = suite_build.parse_name(name)
-        return suite_build.build(task, seed, parent_dir(), cache_dir)
+        return suite_build.build(task, seed, parent_dir(models, cache_dir), cache_dir)
 
     build.__doc__ = f"Fine-tune (first use) or load suite model {name!r}; returns its directory."
     return build
 
 
-def parent_dir() -> Path:
-    """The converted SmolLM2 directory, through the model registry (built on first use)."""
-    from surgery.models import ModelSpec, resolve_path
+def parent_dir(models: Any, cache_dir: Path | None = None) -> Path:
+    """The converted SmolLM2 directory (``builtin:smollm2-135m``), built on first use."""
+    from surgery.core.errors import ModelError
 
-    return Path(resolve_path(ModelSpec(path="builtin:smollm2-135m")))
+    if models is None or PARENT not in models:
+        raise ModelError(f"suite models need builtin:{PARENT} (the real-models plugin): pip install 'model-surgery[real]'")
+    return Path(models.get(PARENT)(cache_dir))
 
 
 def load_suite(spec, seed: int) -> list[dict]:
     """Examples ``{task, prompt, answer, text}`` of the suite, ``n`` per task, tasks interleaved."""
-    from surgery.suite.tasks import make_examples, resolve_tasks
+    from surgery.models.suite.tasks import make_examples, resolve_tasks
 
     if spec.path is not None:
         raise DataError(f"source {spec.source!r} takes no 'path'")
@@ -120,9 +126,9 @@ class SuiteEval:
 
     @hookimpl
     def evaluate(self, ctx):
-        from surgery.suite.tasks import make_examples, resolve_tasks
-        from surgery.suite.train import score_examples
-        from surgery.zoo.train import one_thread
+        from surgery.models.suite.tasks import make_examples, resolve_tasks
+        from surgery.models.suite.train import score_examples
+        from surgery.models.zoo.train import one_thread
 
         options = ctx.options
         if options.from_data:
@@ -163,15 +169,18 @@ def suite_build(seeds: str, tasks: str) -> None:
     """Fine-tune and cache the suite's models (skips those already built)."""
     import time
 
-    from surgery.suite import build as suite_build_module
-    from surgery.suite.tasks import resolve_tasks
+    from surgery.models.suite import build as suite_build_module
+    from surgery.models.suite.tasks import resolve_tasks
 
     chosen = resolve_tasks([t.strip() for t in tasks.split(",") if t.strip()])
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     bad = [s for s in seed_list if s not in suite_build_module.SEEDS]
     if bad:
         raise click.BadParameter(f"seeds must be in 0..{max(suite_build_module.SEEDS)}, got {bad[0]}", param_hint="--seeds")
-    parent = parent_dir()
+    from surgery.models.loading import cache_dir
+    from surgery.runtime.manager import Manager
+
+    parent = parent_dir(Manager().registries.models, cache_dir())
     started = time.perf_counter()
     for seed in seed_list:
         for task in chosen:

@@ -17,9 +17,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from surgery.data import batches
-from surgery.suite.tasks import make_examples
-from surgery.zoo.train import single_thread
+from surgery.models.data import batches
+from surgery.models.suite.tasks import make_examples
+from surgery.models.zoo.train import single_thread
 
 MAX_TOKENS = 64
 

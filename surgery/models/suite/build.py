@@ -22,12 +22,12 @@ from typing import Any
 import torch
 import transformers
 
-from surgery.errors import ModelError
-from surgery.io import read_json, write_json
-from surgery.suite.tasks import TASKS, make_examples
-from surgery.suite.train import finetune, score_examples
-from surgery.zoo.build import _locked, _move_into_place, _quiet_transformers, cache_root
-from surgery.zoo.train import one_thread
+from surgery.core.errors import ModelError
+from surgery.core.io import read_json, write_json
+from surgery.models.suite.tasks import TASKS, make_examples
+from surgery.models.suite.train import finetune, score_examples
+from surgery.models.zoo.build import _locked, _move_into_place, _quiet_transformers, cache_root
+from surgery.models.zoo.train import one_thread
 
 FORMAT = 1  # bump when the tasks or the training loop change what a record produces
 PARENT = "smollm2-135m"

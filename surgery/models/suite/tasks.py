@@ -20,7 +20,7 @@ import random
 import string
 from typing import Any, Callable
 
-from surgery.errors import DataError
+from surgery.core.errors import DataError
 
 TASKS = ("add", "spell", "shift", "reverse")
 SPLITS = ("train", "validation", "test")
@@ -57,7 +57,7 @@ def resolve_tasks(task: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
         elif name in TASKS:
             out.append(name)
         else:
-            from surgery.registry import did_you_mean
+            from surgery.core.registry import did_you_mean
 
             raise DataError(f"unknown suite task {name!r}" + did_you_mean(name, [*TASKS, "all"]))
     if not out:
