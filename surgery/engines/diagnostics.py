@@ -229,6 +229,8 @@ def prune_steps(run_dir: Path, step: str | None = None) -> list[dict[str, Any]]:
 def report(run_dir: Path, step: str | None = None) -> dict[str, Any]:
     """Sign statistics, completeness and per-sample similarity of every attribution step; prune
     results with their curves; the other steps' figures. ``step`` selects one step of any kind."""
+    if not step_dirs(run_dir):
+        raise SurgeryError(f"{run_dir}: not a run directory (no finished step folder in it)")
     out: dict[str, Any] = {"run": str(run_dir), "attribution": [], "prune": prune_steps(run_dir, step), "other": []}
     records = step_records(run_dir)
     for att in attribution_steps(run_dir, step):
