@@ -5,7 +5,9 @@ plugin a recipe step names (``Manager.call_stage``), so several plugins can impl
 by side. Each stage hook receives one :class:`surgery.runtime.context.StepContext` called ``ctx``; the step's
 validated options are ``ctx.options`` (an instance of the schema the plugin returned from
 ``option_schema``). A stage hook returns an :class:`surgery.core.artifacts.Artifact` that the runner saves
-under ``<output>/<NN>-<stage>-<plugin>/``; ``weight`` and ``constrain`` return objects used by other
+under ``<output>/<NN>-<stage>-<plugin>/`` (``<NN>-<name>/`` for a step with ``name:``); its
+``figures`` (a few numbers) go into ``report.json``, its ``meta`` holds what later steps and
+``surgery report`` read. ``weight`` and ``constrain`` return objects used by other
 steps instead (see their contracts).
 
 Registration hooks (``register_*``) are broadcast to every plugin at start-up; each receives a
@@ -102,9 +104,11 @@ def align(ctx: "StepContext") -> "Artifact":
 def fuse(ctx: "StepContext") -> "Artifact":
     """Build a merged model from ``ctx.models`` (the first is the base) and upstream artifacts.
 
-    Must save the merged weights with ``ctx.save_model(...)`` or ``ctx.save_state_dict(...)`` so
-    the result reloads with stock ``transformers``; the runner then offers it to later steps under
-    the step's ``as`` name. Returns an Artifact with figures in ``meta``.
+    Must save the merged weights with ``ctx.save_model(module, like=...)`` (a whole module) or
+    ``ctx.model_writer(like=...)`` (tensors streamed into shards; ``.close()`` returns the
+    directory) so the result reloads with stock ``transformers``; both write the step's output
+    ``dtype``. The runner then offers it to later steps under the step's ``as`` name. Returns an
+    Artifact whose ``figures`` summarise the merge.
     """
 
 
@@ -147,7 +151,8 @@ def tune(ctx: "StepContext") -> "Artifact":
 
 @hookspec(firstresult=True)
 def evaluate(ctx: "StepContext") -> "Artifact":
-    """Evaluate each of ``ctx.models`` (task accuracy, probe loss ...); figures go in ``meta``."""
+    """Evaluate each of ``ctx.models`` (task accuracy, probe loss ...); the scores go in the Artifact's
+    ``figures``, keyed ``"<model>/<metric>"``."""
 
 
 # --- registration ------------------------------------------------------------------------------

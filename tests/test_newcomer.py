@@ -30,6 +30,7 @@ SKIPPED = {
 SLOW = {  # command prefix -> options appended
     "surgery run recipes/ig.yaml": ["--set", "steps.0.steps=4", "--set", "data.probe.n=8", "--set", "data.heldout.n=16", "--set", "steps.2.n=16"],
     "surgery run recipes/ig-joint.yaml": ["--set", "steps.0.steps=4", "--set", "data.probe.n=8", "--set", "data.heldout.n=16", "--set", "steps.2.n=16"],
+    "surgery run recipes/prune-random.yaml": ["--set", "data.heldout.n=16", "--set", "steps.3.n=16"],
     "surgery run recipes/linear.yaml": ["--set", "steps.1.n=32", "--set", "data.heldout.n=32"],
     "surgery run recipes/ties.yaml": ["--set", "steps.1.n=32", "--set", "data.heldout.n=32"],
     "surgery run merge.yaml": ["--set", "steps.1.n=32"],
