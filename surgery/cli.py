@@ -226,16 +226,30 @@ def eval_command(models: tuple[str, ...], tasks: str | None, count: int, evaluat
 
 
 def _model_names(models: tuple[str, ...]) -> dict[str, str]:
-    """Table name -> model: ``NAME=MODEL`` as given, else the argument itself (``builtin:`` dropped)."""
-    names: dict[str, str] = {}
-    for arg in models:
-        name, sep, model = arg.partition("=")
-        if not sep or not name or "/" in name:
-            name, model = (arg[len("builtin:"):] if arg.startswith("builtin:") else arg.rstrip("/")), arg
-        if name in names:
-            raise SurgeryError(f"model name {name!r} is given twice; name them with NAME=MODEL")
-        names[name] = model
-    return names
+    """Table name -> model: ``NAME=MODEL`` as given; otherwise the folder name (``builtin:`` dropped),
+    with as many parent folders as it takes to tell apart models whose folders share a name."""
+    named = [(arg.partition("=")[0], arg.partition("=")[2]) for arg in models]
+    named = [(n, m) if m and n and "/" not in n else (None, arg) for (n, m), arg in zip(named, models)]
+    if len({m for n, m in named if n is None}) < sum(n is None for n, _ in named):
+        raise SurgeryError("a model is given twice; name them with NAME=MODEL")
+    depth = {m: 1 for n, m in named if n is None}
+
+    def short(m: str) -> str:
+        parts = [p for p in Path(m).parts if p not in ("/", "\\")]
+        return m[len("builtin:"):] if m.startswith("builtin:") else "/".join(parts[-depth[m]:])
+
+    while True:  # lengthen only the names that collide, one parent folder at a time
+        clashing = [m for m in depth if [short(o) for o in depth].count(short(m)) > 1
+                    and depth[m] < len(Path(m).parts)]
+        if not clashing:
+            break
+        for m in clashing:
+            depth[m] += 1
+    short_names = {m: short(m) for m in depth}
+    names = [n if n is not None else short_names[m] for n, m in named]
+    if len(set(names)) < len(names):
+        raise SurgeryError(f"model names {', '.join(names)} are not distinct; name them with NAME=MODEL")
+    return dict(zip(names, (m for _, m in named)))
 
 
 @cli.command()

@@ -130,7 +130,7 @@ def test_eval_keys_rows_by_the_names_given(tmp_path, surgery_cli):
     same = surgery_cli("eval", str(twins[0]), str(twins[0]), "--n", "4", "--json")
     assert same.exit_code == 2 and "given twice" in same.err
     both = surgery_cli("eval", *map(str, twins), "--n", "4", "--tasks", "copy", "--json")
-    assert {key.split("/copy")[0] for key in json.loads(both.out)} == {str(t) for t in twins}  # both rows kept
+    assert {key.split("/copy")[0] for key in json.loads(both.out)} == {"x/model", "y/model"}  # both rows kept
     table = surgery_cli("eval", f"first={twins[0]}", f"second={twins[1]}", "--n", "4", "--tasks", "copy", "--json")
     assert table.exit_code == 0, table.err
     assert {key.split("/")[0] for key in json.loads(table.out)} == {"first", "second"}
@@ -145,3 +145,21 @@ def test_step_names_that_cannot_name_a_folder_are_rejected(name):
     raw = {"models": {"a": "builtin:tiny-llama/task-a"}, "steps": [{"evaluate": {"plugin": "tasks", "name": name}}]}
     with pytest.raises(RecipeError, match="names the step's folder"):
         validate(raw, Manager(), base_dir=ROOT)
+
+
+def test_a_broken_installed_plugin_is_listed_and_fails_only_when_used(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    from surgery.core.errors import PluginError
+    from surgery.runtime.manager import Manager
+
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path))
+    (tmp_path / "surgery_broken_plugin.py").write_text("raise ImportError('needs a missing package')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manager = Manager(load_entrypoints=False)
+    manager._pending = {"broken": importlib.metadata.EntryPoint("broken", "surgery_broken_plugin", "surgery"),
+                        "mean": importlib.metadata.EntryPoint("mean", "surgery.plugins.mean:mean", "surgery")}
+    assert manager.stages_of("mean") == ["capture"]
+    assert manager.summary("broken").startswith("(cannot be loaded")
+    with pytest.raises(PluginError, match="needs a missing package"):
+        manager.get("broken")

@@ -150,8 +150,15 @@ class Manager:
         """Import every pending plugin in a scratch manager and describe each (for the index)."""
         scratch = Manager(load_entrypoints=False)
         scratch._pending = dict(self._pending)
-        scratch.load_all()
-        return {name: scratch.describe_plugin(name) for name in self._pending}
+        index = {}
+        for name in list(scratch._pending):
+            try:
+                scratch._load(name)
+            except PluginError as exc:  # listed, and the error repeated when the plugin is used
+                index[name] = {"stages": [], "hooks": [], "description": f"(cannot be loaded: {exc})"}
+                continue
+            index[name] = scratch.describe_plugin(name)
+        return index
 
     def describe_plugin(self, name: str) -> dict[str, Any]:
         """The index entry of a loaded plugin: stages, hooks, texts, commands, registered names."""
