@@ -15,7 +15,6 @@ from surgery.core.errors import SurgeryError, located, one_line
 from surgery.core.places import DOWNLOAD_ENV, allow_downloads, check_device, downloads_allowed, resolved_note
 from surgery.core.version import VERSION as __version__
 from surgery.runtime.manager import Manager
-from surgery.runtime.recipe import load_recipe
 
 
 def _manager(plugin_refs: tuple[str, ...] = ()) -> Manager:
@@ -128,6 +127,8 @@ def run(recipe: str, overrides: tuple[str, ...], swaps: tuple[str, ...], plugin_
 
     device = _checked_device(device)
     manager = _manager(plugin_refs)
+    from surgery.runtime.recipe import load_recipe  # pydantic: not needed for --help
+
     parsed = load_recipe(recipe, manager, overrides, output, swaps)
     first_forced(parsed, force)  # an unknown step name fails here, before anything runs
     _quiet_transformers()
@@ -148,6 +149,8 @@ def run(recipe: str, overrides: tuple[str, ...], swaps: tuple[str, ...], plugin_
 def validate(recipe: str, overrides: tuple[str, ...], swaps: tuple[str, ...], plugin_refs: tuple[str, ...]) -> None:
     """Check RECIPE without loading any model or data (plugin files it names are imported: they run)."""
     manager = _manager(plugin_refs)
+    from surgery.runtime.recipe import load_recipe  # pydantic: not needed for --help
+
     parsed = load_recipe(recipe, manager, overrides, swaps=swaps)
     for path in [manager.source_file(manager.add(ref, Path.cwd())) or ref for ref in plugin_refs] + parsed.plugin_files:
         click.echo(f"imported plugin code: {path}")
