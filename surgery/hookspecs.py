@@ -5,7 +5,7 @@ plugin a recipe step names (``Manager.call_stage``), so several plugins can impl
 by side. Each stage hook receives one :class:`surgery.runtime.context.StepContext` called ``ctx``; the step's
 validated options are ``ctx.options`` (an instance of the schema the plugin returned from
 ``option_schema``). A stage hook returns an :class:`surgery.core.artifacts.Artifact` that the runner saves
-under ``<output>/<NN>-<stage>-<plugin>/`` (``<NN>-<name>/`` for a step with ``name:``); its
+under ``<output>/<NN>-<stage>-<plugin>/``; its
 ``figures`` (a few numbers) go into ``report.json``, its ``meta`` holds what later steps and
 ``surgery report`` read. ``weight`` and ``constrain`` return objects used by other
 steps instead (see their contracts).

@@ -19,7 +19,6 @@ options, validated against its schema.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,9 +60,7 @@ class Step:
 
     @property
     def dirname(self) -> str:
-        """The step's folder in the run directory: ``NN-stage-plugin``, or ``NN-name`` for a named step."""
-        default = f"{self.index:02d}-{self.stage}-{self.plugin}"
-        return default if self.name == default else f"{self.index:02d}-{self.name}"
+        return f"{self.index:02d}-{self.stage}-{self.plugin}"
 
 
 @dataclass
@@ -313,9 +310,6 @@ def _parse_step(item: Any, index: int, manager: Manager, where: str, source: str
     for key in ("name", "data", "as"):
         if key in core and not isinstance(core[key], str):
             raise RecipeError(f"{where}.{key}: expected a string", where=source)
-    if "name" in core and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", core["name"]):
-        raise RecipeError(f"{where}.name: {core['name']!r} names the step's folder: use letters, digits and . _ + -",
-                          where=source)
     dtype = core.get("dtype")
     if dtype is not None and stage not in OUTPUT_MODEL:
         raise RecipeError(f"{where}.dtype: only steps that save a model ({', '.join(OUTPUT_MODEL)}) take an output dtype",
