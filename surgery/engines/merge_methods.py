@@ -21,7 +21,7 @@ from surgery.engines import tensor_merge
 from surgery.engines.merge_params import SETTING_HELP, Setting, TensorParams, check_setting
 from surgery.errors import RecipeError
 from surgery.options import Options
-from surgery.plugins.merge_baselines import MAP_HELP, dare_generator, stream_merge_named
+from surgery.plugins.merge_baselines import MAP_HELP, stream_merge_named
 
 
 class StreamOptions(Options):
@@ -41,16 +41,16 @@ class TensorCall:
 
     def value(self, key: str, default: float | None = None) -> float | None:
         """The option ``key`` (a setting) for this tensor."""
-        return self.params.value(getattr(self.options, key), self.name, default)
+        return self.params.value(getattr(self.options, key, None), self.name, default)
 
     def values(self, key: str, count: int, default: float) -> list[float]:
         """The per-model option ``key`` (a list of settings, or None) for this tensor."""
-        settings = getattr(self.options, key)
+        settings = getattr(self.options, key, None)
         return self.params.values(settings, self.name, count, default)
 
     def generator(self, donor: int) -> torch.Generator:
         """Random draws that depend only on (recipe seed, tensor name, donor), not on tensor order."""
-        return dare_generator(self.seed, self.name, donor)
+        return tensor_merge.seeded_generator(self.seed, self.name, donor)
 
 
 Combine = Callable[[TensorCall], torch.Tensor]
@@ -111,7 +111,6 @@ def fuse_method(name: str, options: type[Options], min_models: int = 2, max_mode
 
 # --- task vectors ---------------------------------------------------------------------------------
 
-SPARSIFIERS = ("none", "magnitude", "random", "outliers", "della")
 
 
 class TaskVectorOptions(StreamOptions):
@@ -147,35 +146,17 @@ def check_donors(ctx, opts) -> None:
     expect_entries(ctx, "densities", donors, "donor")
 
 
-def sparsify(call: TensorCall, tau: torch.Tensor, density: float, donor: int, sparsifier: str) -> torch.Tensor:
-    """``tau`` masked by ``sparsifier`` at ``density`` and rescaled by the step's ``rescale``."""
-    opts = call.options
-    if sparsifier == "none" or density >= 1:
-        return tau
-    if sparsifier == "magnitude":
-        mask, keep = tensor_merge.magnitude_mask(tau, density, opts.convention), density
-    elif sparsifier == "outliers":
-        mask, keep = tensor_merge.outlier_mask(tau, density, call.value("gamma"), opts.convention), density
-    elif sparsifier == "random":
-        mask, keep = tensor_merge.random_mask(tau, density, call.generator(donor)), density
-    elif sparsifier == "della":
-        mask, keep = tensor_merge.della_mask(tau, density, call.value("epsilon"), call.generator(donor))
-    else:
-        raise ValueError(f"unknown sparsifier {sparsifier!r}")
-    return tensor_merge.rescale_masked(tau, mask, opts.rescale, keep)
-
-
 def merge_task_vectors(call: TensorCall, sparsifier: str, consensus: str | None) -> torch.Tensor:
-    """base + lambda * combine_deltas(sparsified tau_i, w_i) (see :func:`tensor_merge.combine_deltas`)."""
+    """The step's task-vector merge of one tensor (see :func:`tensor_merge.task_vector_merge`)."""
     opts = call.options
     base, donors = call.tensors[0], call.tensors[1:]
     count = len(donors)
     density = call.value("density", 1.0)
     densities = call.values("densities", count, density) if opts.densities is not None else [density] * count
-    deltas = [sparsify(call, tuned - base, dens, i, sparsifier) for i, (tuned, dens) in enumerate(zip(donors, densities))]
-    merged = tensor_merge.combine_deltas(deltas, call.values("weights", count, 1.0), consensus, opts.normalize, opts.convention)
-    scale = call.value("scale", 1.0)
-    return base + merged * scale if scale != 1 else base + merged
+    return tensor_merge.task_vector_merge(
+        base, donors, call.values("weights", count, 1.0), densities, call.value("scale", 1.0), sparsifier, consensus,
+        opts.normalize, opts.rescale, opts.convention, [call.generator(i) for i in range(count)],
+        call.value("gamma", 0.01), call.value("epsilon", 0.15))
 
 
 def task_vector_method(name: str, options: type[TaskVectorOptions], sparsifier: str, consensus: str | None,

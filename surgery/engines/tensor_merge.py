@@ -21,6 +21,7 @@ donor, then an optional sign consensus and a (normalised) weighted sum; see :fun
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Literal, Sequence
 
 import torch
@@ -283,6 +284,41 @@ def combine_deltas(deltas: Sequence[torch.Tensor], weights: Sequence[float], con
         divisor = (w * mask).sum(0)
         divisor[divisor == 0] = 1
     return merged / divisor if normalize else merged
+
+
+def seeded_generator(seed: int, name: str, donor: int) -> torch.Generator:
+    """A generator that depends only on (seed, tensor name, donor), not on the tensor order."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + donor) % 2**63)
+
+
+def sparsify(tau: torch.Tensor, density: float, sparsifier: str, rescale: Rescale, convention: Convention,
+             generator: torch.Generator | None = None, gamma: float = 0.01, epsilon: float = 0.15) -> torch.Tensor:
+    """``tau`` masked by ``sparsifier`` (none, magnitude, outliers, random, della) at ``density``, then rescaled."""
+    if sparsifier == "none" or density >= 1:
+        return tau
+    if sparsifier == "magnitude":
+        mask, keep = magnitude_mask(tau, density, convention), density
+    elif sparsifier == "outliers":
+        mask, keep = outlier_mask(tau, density, gamma, convention), density
+    elif sparsifier == "random":
+        mask, keep = random_mask(tau, density, generator), density
+    elif sparsifier == "della":
+        mask, keep = della_mask(tau, density, epsilon, generator)
+    else:
+        raise ValueError(f"unknown sparsifier {sparsifier!r}")
+    return rescale_masked(tau, mask, rescale, keep)
+
+
+def task_vector_merge(base: torch.Tensor, tuned: Sequence[torch.Tensor], weights: Sequence[float],
+                      densities: Sequence[float], scale: float, sparsifier: str, consensus: Literal["sum", "count"] | None,
+                      normalize: bool, rescale: Rescale, convention: Convention,
+                      generators: Sequence[torch.Generator] | None = None, gamma: float = 0.01,
+                      epsilon: float = 0.15) -> torch.Tensor:
+    """W_base + lambda * combine_deltas(sparsify(W_i - W_base), w_i) (lambda applied after normalising)."""
+    deltas = [sparsify(t - base, d, sparsifier, rescale, convention, generators[i] if generators else None, gamma, epsilon)
+              for i, (t, d) in enumerate(zip(tuned, densities))]
+    merged = combine_deltas(deltas, weights, consensus, normalize, convention)
+    return base + merged * scale if scale != 1 else base + merged
 
 
 def sce(base: torch.Tensor, tuned: Sequence[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
