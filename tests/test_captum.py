@@ -9,11 +9,12 @@ import torch
 
 pytest.importorskip("captum")
 
-from surgery.artifacts import Artifact  # noqa: E402
-from surgery.errors import RecipeError  # noqa: E402
-from surgery.manager import get_manager  # noqa: E402
-from surgery.recipe import load_recipe  # noqa: E402
-from surgery.runner import run_recipe  # noqa: E402
+from plugin_registries import manager  # noqa: E402
+
+from surgery.core.artifacts import Artifact  # noqa: E402
+from surgery.core.errors import RecipeError  # noqa: E402
+from surgery.runtime.recipe import load_recipe  # noqa: E402
+from surgery.runtime.runner import run_recipe  # noqa: E402
 
 ZOO_DATA = {"probe": {"source": "synthetic", "tasks": ["copy", "reverse"], "n": 8, "seed": 0, "batch_size": 4}}
 
@@ -21,8 +22,8 @@ ZOO_DATA = {"probe": {"source": "synthetic", "tasks": ["copy", "reverse"], "n": 
 def zoo_run(root: Path, name: str, steps: list[dict], model: str = "builtin:tiny-llama/base") -> Path:
     recipe = root / f"{name}.yaml"
     recipe.write_text(json.dumps({"name": name, "seed": 0, "models": {"base": model}, "data": ZOO_DATA, "steps": steps}))
-    parsed = load_recipe(recipe, get_manager(), [], str(root / f"run-{name}"))
-    run_recipe(parsed, get_manager(), quiet=True)
+    parsed = load_recipe(recipe, manager(), [], str(root / f"run-{name}"))
+    run_recipe(parsed, manager(), quiet=True)
     return parsed.output
 
 
@@ -76,11 +77,11 @@ def test_method_options_are_checked_before_loading(tmp_path):
     steps = [{"attribute": {"plugin": "captum", "method": "IntegratedGradients", "args": {"n_stepz": 4}}}]
     recipe.write_text(json.dumps({"name": "bad", "models": {"base": "builtin:tiny-llama/base"}, "data": ZOO_DATA, "steps": steps}))
     with pytest.raises(RecipeError, match="n_stepz"):
-        load_recipe(recipe, get_manager(), [], str(tmp_path / "run"))
+        load_recipe(recipe, manager(), [], str(tmp_path / "run"))
     steps[0]["attribute"]["method"] = "DeepLiftt"
     recipe.write_text(json.dumps({"name": "bad", "models": {"base": "builtin:tiny-llama/base"}, "data": ZOO_DATA, "steps": steps}))
     with pytest.raises(RecipeError, match="method"):
-        load_recipe(recipe, get_manager(), [], str(tmp_path / "run"))
+        load_recipe(recipe, manager(), [], str(tmp_path / "run"))
 
 
 def test_a_missing_captum_is_named_with_its_install_command(monkeypatch):

@@ -179,9 +179,9 @@ def test_gradients_interpolate_over_layers_and_filters_pick_tensors():
 # --- plugins through recipes --------------------------------------------------------------------
 
 def run_steps(tmp_path: Path, models: dict[str, Path], steps: list[dict], seed: int = 0) -> Path:
-    from surgery.manager import Manager
-    from surgery.recipe import validate
-    from surgery.runner import run_recipe
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import validate
+    from surgery.runtime.runner import run_recipe
 
     raw = {"name": "t", "seed": seed, "models": {k: str(v) for k, v in models.items()}, "steps": steps,
            "output": str(tmp_path / "run")}
@@ -268,7 +268,7 @@ def test_dare_linear_l1_keeps_each_tensors_norm_and_della_is_reproducible(tmp_pa
 
 
 def test_bad_settings_are_refused_before_loading(tmp_path, trio):
-    from surgery.errors import RecipeError
+    from surgery.core.errors import RecipeError
 
     a, b, _ = trio
     with pytest.raises(RecipeError, match="filter"):

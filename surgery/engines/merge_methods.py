@@ -15,18 +15,13 @@ import torch
 from pydantic import Field, field_validator
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.checkpoint import CheckpointReader
+from surgery.core.artifacts import Artifact
+from surgery.models.checkpoint import CheckpointReader
 from surgery.engines import tensor_merge
 from surgery.engines.merge_params import SETTING_HELP, Setting, TensorParams, check_setting
-from surgery.errors import RecipeError
-from surgery.options import Options
-from surgery.plugins.merge_baselines import MAP_HELP, stream_merge_named
-
-
-class StreamOptions(Options):
-    max_shard_mb: float | None = Field(256.0, gt=0, description="cap on each output safetensors shard (MiB)")
-    map: str | dict | None = Field(None, description=MAP_HELP)
+from surgery.core.errors import RecipeError
+from surgery.core.options import Options
+from surgery.engines.merge import StreamOptions, stream_merge_named
 
 
 @dataclass

@@ -24,10 +24,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.errors import DataError
-from surgery.gates import GateSite, LossFn, frozen_parameters, gated_forward
-from surgery.plugins.ig import (
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import DataError
+from surgery.engines.gates import GateSite, LossFn, frozen_parameters, gated_forward
+from surgery.engines.attribution import (
     Attribution, AttributeOptions, attribution_artifact, baseline_values, completeness, gather_rows,
     loss_function, prepared_batches, sites_for,
 )

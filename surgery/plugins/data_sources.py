@@ -22,9 +22,9 @@ import torch
 from pydantic import Field
 
 from surgery import hookimpl
-from surgery.data import DataSpec, read_jsonl, require_path, string_field
-from surgery.errors import DataError
-from surgery.options import Options
+from surgery.core.errors import DataError
+from surgery.core.options import Options
+from surgery.models.data import DataSpec, read_jsonl, require_path, string_field
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 

@@ -23,34 +23,27 @@ a zero sign sum elects + (the paper: no sign), the weights scale the task vector
 election, lambda applies after normalising. Every number option is a per-layer gradient or a list of
 per-tensor filters (:mod:`surgery.engines.merge_params`); per-donor options take one entry per donor.
 
-Every plugin takes ``map:`` (see :mod:`surgery.hetero`): for a heterogeneous pair such as a LLaVA
+Every plugin takes ``map:`` (see :mod:`surgery.models.hetero`): for a heterogeneous pair such as a LLaVA
 base and a plain Llama donor, base tensors are paired with donor tensors by declared rules and the
 tensors the map keeps (the vision tower) are copied from the base untouched.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.checkpoint import CheckpointReader
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import RecipeError
 from surgery.engines import tensor_merge
+from surgery.engines.merge import StreamOptions, stream_merge_named
 from surgery.engines.merge_params import SETTING_HELP, Setting, TensorParams, check_setting
-from surgery.errors import RecipeError
-from surgery.hetero import TensorMap, load_map, plan_merge
-from surgery.options import Options
+from surgery.models.checkpoint import CheckpointReader
 
 CONVENTION_HELP = ("paper: k = ceil(density n) by threshold, no sign on a zero sum, election on unweighted task vectors; "
                    "mergekit: k = int(density n) by sort, + on a zero sum, weights before the election")
-MAP_HELP = "tensor map for a heterogeneous pair: a built-in name (e.g. llava-from-llama), a YAML file, or inline rules"
-
-
-class StreamOptions(Options):
-    max_shard_mb: float | None = Field(256.0, gt=0, description="cap on each output safetensors shard (MiB)")
-    map: str | dict | None = Field(None, description=MAP_HELP)
 
 
 class LinearOptions(StreamOptions):
@@ -74,51 +67,6 @@ class TaskArithmeticOptions(StreamOptions):
         for item in value if isinstance(value, list) else []:
             check_setting(item)
         return value
-
-
-def stream_merge(ctx, combine: Callable[[list[torch.Tensor]], torch.Tensor], max_shard_mb: float | None,
-                 tensor_map: TensorMap | None = None) -> Artifact:
-    """Apply ``combine`` to each tensor of ``ctx.models`` (float32, base first) and save the result."""
-    return stream_merge_named(ctx, lambda _name, tensors: combine(tensors), max_shard_mb, tensor_map)
-
-
-def stream_merge_named(ctx, combine: Callable[[str, list[torch.Tensor]], torch.Tensor], max_shard_mb: float | None,
-                       tensor_map: TensorMap | None = None) -> Artifact:
-    """Like :func:`stream_merge`, with ``combine(base_tensor_name, tensors)``.
-
-    Base tensors that ``tensor_map`` keeps, and non-float tensors, are copied from the base.
-    """
-    if len(ctx.models) < 2:
-        raise RecipeError(f"{ctx.where}.models: a merge needs at least two models, got {ctx.models}")
-    tensor_map = tensor_map if tensor_map is not None else map_option(ctx)
-    readers = [CheckpointReader(ctx.model_path(name)) for name in ctx.models]
-    base = readers[0]
-    donors = {name: (reader.names(), reader.shape) for name, reader in zip(ctx.models[1:], readers[1:])}
-    plan = plan_merge(base.names(), base.shape, donors, tensor_map)
-    writer = ctx.model_writer(like=ctx.models[0], max_shard_mb=max_shard_mb)
-    merged = kept = 0
-    for name in ctx.progress(base.names(), desc="merging tensors"):
-        first = base.get(name)
-        sources = plan.sources[name]
-        if sources is None or not first.is_floating_point():
-            writer.add(name, first)
-            kept += first.numel()
-            continue
-        tensors = [first.float()] + [r.get(source).float() for r, source in zip(readers[1:], sources)]
-        writer.add(name, combine(name, tensors).to(first.dtype))
-        merged += first.numel()
-        del first, tensors  # free the inputs before the next tensor is read
-    model_dir = writer.close()
-    unused = {donor: len(names) for donor, names in plan.unused.items() if names}
-    meta = {"models": ctx.models, "map": tensor_map.name, "unused_donor_tensors": unused}
-    return Artifact(meta=meta, figures={"merged_params": merged, "kept_params": kept}, model_dir=model_dir)
-
-
-def map_option(ctx) -> TensorMap:
-    """The step's ``map`` option resolved (relative files against the recipe's directory)."""
-    spec = getattr(ctx.options, "map", None)
-    base_dir = getattr(getattr(getattr(ctx, "run", None), "recipe", None), "base_dir", None)
-    return load_map(spec, base_dir)
 
 
 def _per_model_settings(value, default: float, count: int, where: str, key: str) -> list:

@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 
 from surgery import hookimpl
-from surgery.errors import DataError
-from surgery.objectives import IGNORE_INDEX, default_labels, row_mean, token_nll
+from surgery.core.errors import DataError
+from surgery.models.objectives import IGNORE_INDEX, default_labels, row_mean, token_nll
 
 
 @hookimpl

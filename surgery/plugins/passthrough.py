@@ -14,12 +14,12 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.checkpoint import CheckpointReader
+from surgery.core.artifacts import Artifact
+from surgery.models.checkpoint import CheckpointReader
 from surgery.engines.merge_params import LAYER_PATTERN, SETTING_HELP, Setting, TensorParams, check_setting, layer_count, layer_of
-from surgery.errors import RecipeError
-from surgery.io import read_json, write_json
-from surgery.options import Options
+from surgery.core.errors import RecipeError
+from surgery.core.io import read_json, write_json
+from surgery.core.options import Options
 
 PRE_LAYER = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")

@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 from surgery.engines import tensor_merge
 from surgery.engines.merge_methods import StreamOptions, TensorCall, expect_entries, fuse_method
 from surgery.engines.merge_params import SETTING_HELP, Setting, check_setting
-from surgery.errors import RecipeError
+from surgery.core.errors import RecipeError
 
 
 class SlerpOptions(StreamOptions):
