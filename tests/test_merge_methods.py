@@ -81,6 +81,8 @@ def test_model_stock_hand_values():
     # identical fine-tunes: cos = 1, t = 1, the fine-tune itself
     w = torch.tensor([3.0, -2.0])
     assert close(tm.model_stock(base, [w, w.clone(), w.clone()]), w)
+    # opposite offsets of two fine-tunes: cos = -1, 1 + (N-1) cos = 0: the base
+    assert close(tm.model_stock(base, [w, -w]), base)
 
 
 # --- task vectors: the TIES / DARE conventions --------------------------------------------------
@@ -125,12 +127,11 @@ def test_dare_rescale_restores_the_l1_norm_or_divides_by_the_density():
 def test_breadcrumbs_drops_outliers_and_small_entries():
     tau = torch.tensor([0.1, -5.0, 0.3, 2.0, -0.2, 0.05, 1.0, -3.0, 0.4, 0.6])
     # density .5, gamma .1 of 10: keep 5, drop the largest 1 (|-5|) and the smallest 4
-    expected = [0, 0, 0, 1, 0, 0, 1, 1, 1, 1]
-    assert tm.outlier_mask(tau, 0.5, 0.1, "paper").tolist() == expected
-    assert tm.outlier_mask(tau, 0.5, 0.1, "mergekit").tolist() == expected
-    # gamma .01 rounds to 0 outliers: the paper keeps the top 5; mergekit's sorted[n_bot:-0] keeps nothing
-    assert tm.outlier_mask(tau, 0.5, 0.01, "paper").tolist() == [0, 1, 0, 1, 0, 0, 1, 1, 0, 1]
-    assert tm.outlier_mask(tau, 0.5, 0.01, "mergekit").sum() == 0
+    assert tm.outlier_mask(tau, 0.5, 0.1).tolist() == [0, 0, 0, 1, 0, 0, 1, 1, 1, 1]
+    # gamma .01 rounds to 0 outliers: the top 5
+    assert tm.outlier_mask(tau, 0.5, 0.01).tolist() == [0, 1, 0, 1, 0, 0, 1, 1, 0, 1]
+    # density .8 + gamma .3 > 1: keep 8, so only 2 outliers go (|-5|, |-3|), no small entry
+    assert tm.outlier_mask(tau, 0.8, 0.3).tolist() == [1, 0, 1, 1, 1, 1, 1, 0, 1, 1]
 
 
 def test_della_keep_probabilities_follow_the_magnitude_rank_per_row():
@@ -245,7 +246,7 @@ def test_streamed_plugins_equal_their_tensor_formula(tmp_path, trio, plugin, opt
         elif plugin == "sce":
             expected = tm.sce(ts[0], ts[1:], 0.5)
         else:
-            deltas = [tm.outlier_mask(t - ts[0], 0.5, 0.1, "paper") * (t - ts[0]) for t in ts[1:]]
+            deltas = [tm.outlier_mask(t - ts[0], 0.5, 0.1) * (t - ts[0]) for t in ts[1:]]
             expected = ts[0] + tm.combine_deltas(deltas, [1.0, 0.5], "sum", False, "paper")
         assert torch.allclose(out[name], expected, atol=1e-6), name
 

@@ -18,7 +18,7 @@ from surgery import hookimpl
 from surgery.core.artifacts import Artifact
 from surgery.models.checkpoint import CheckpointReader
 from surgery.engines import tensor_merge
-from surgery.engines.merge_params import SETTING_HELP, Setting, TensorParams, check_setting
+from surgery.engines.merge_params import SETTING_HELP, Setting, TensorParams, check_range
 from surgery.core.errors import RecipeError
 from surgery.core.options import Options
 from surgery.engines.merge import StreamOptions, stream_merge_named
@@ -122,16 +122,16 @@ class TaskVectorOptions(StreamOptions):
         "paper", description="paper: k = ceil(density n) by threshold, no sign on a zero sum, election on unweighted "
         "task vectors; mergekit: k = int(density n) by sort, + on a zero sum, weights before the election")
 
-    @field_validator("density", "scale")
+    @field_validator("density")
     @classmethod
-    def _setting(cls, value):
-        return check_setting(value)
+    def _density(cls, value):
+        return check_range(value, above=0, at_most=1)
 
-    @field_validator("weights", "densities")
+    @field_validator("densities")
     @classmethod
-    def _each(cls, values):
+    def _densities(cls, values):
         for value in values or []:
-            check_setting(value)
+            check_range(value, above=0, at_most=1)
         return values
 
 

@@ -15,9 +15,9 @@ Regular expressions are compiled when the recipe is validated, before any model 
 from __future__ import annotations
 
 import re
-from typing import Sequence, Union
+from typing import Annotated, Any, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 
@@ -47,15 +47,49 @@ class Conditional(BaseModel):
         return value
 
 
-Setting = Union[float, list[float], list[Conditional]]
+def parse_setting(value: Any) -> Any:
+    """A setting's raw value checked before its type: one clear error at the option's location."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, list) and value:
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return [float(v) for v in value]
+        if all(isinstance(v, (dict, Conditional)) for v in value):
+            try:
+                return [Conditional.model_validate(v) for v in value]
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    raise ValueError("expected a number, a per-layer gradient [v0, ..., vn] or a list of {filter: REGEX, value: ...}")
+
+
+Setting = Annotated[Union[float, list[float], list[Conditional]], BeforeValidator(parse_setting)]
 SETTING_HELP = "number, per-layer gradient [v0, ..., vn], or [{filter: REGEX, value: ...}] by tensor name"
 
 
-def check_setting(value):
-    """Pydantic ``field_validator`` body: a gradient is non-empty."""
-    if isinstance(value, list) and not value:
-        raise ValueError("a gradient or filter list needs at least one entry")
-    return value
+def numbers(setting: Setting | None) -> list[float]:
+    """Every number a setting can take (its gradient points and filtered values)."""
+    if setting is None:
+        return []
+    if isinstance(setting, (int, float)):
+        return [float(setting)]
+    out: list[float] = []
+    for item in setting:
+        out += numbers(item.value) if isinstance(item, Conditional) else [float(item)]
+    return out
+
+
+def check_range(setting: Setting | None, above: float | None = None, at_most: float | None = None,
+                at_least: float | None = None) -> Setting | None:
+    """Pydantic validator body: every value of ``setting`` is > ``above``, >= ``at_least``, <= ``at_most``."""
+    for value in numbers(setting):
+        if above is not None and not value > above:
+            raise ValueError(f"Input should be greater than {above:g} (got {value:g})")
+        if at_least is not None and not value >= at_least:
+            raise ValueError(f"Input should be greater than or equal to {at_least:g} (got {value:g})")
+        if at_most is not None and not value <= at_most:
+            raise ValueError(f"Input should be less than or equal to {at_most:g} (got {value:g})")
+    return setting
 
 
 def layer_of(name: str) -> int | None:

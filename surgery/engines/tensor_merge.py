@@ -13,7 +13,7 @@ Spherical family (``plugins/slerp.py``):
                u <- cos|T| u + sin|T| T/|T|, T = sum_i a_i theta_i/sin(theta_i) (u_i - cos(theta_i) u),
                scaled by the weighted mean norm.
 - model_stock: (Jang et al. 2024) w_H = t w_avg + (1-t) w_0, t = N cos / (1 + (N-1) cos), cos the mean
-               pairwise cosine of the fine-tunes' offsets from the base w_0.
+               pairwise cosine of the fine-tunes' offsets from the base w_0 (t = 0 where 1 + (N-1) cos = 0).
 
 Task-vector family (``plugins/task_vectors.py`` and the TIES/DARE baselines): a sparsifier per
 donor, then an optional sign consensus and a (normalised) weighted sum; see :func:`combine_deltas`.
@@ -61,10 +61,10 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool = False
         a, b = v0, v1
     ua = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
     ub = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
-    theta = torch.acos((ua * ub).sum(-1, keepdim=True).clamp(-1, 1))
-    sin_theta = torch.sin(theta)
-    out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / sin_theta
-    colinear = (sin_theta.abs() < eps).expand_as(out)
+    cos = (ua * ub).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps ** 2  # sin(theta) <= eps
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
     out = torch.where(colinear, lerp(t, a, b), out)
     if not (flatten or v0.dim() < 2) and row_wise:
         out = out.transpose(0, -1)
@@ -153,7 +153,9 @@ def model_stock(base: torch.Tensor, tuned: Sequence[torch.Tensor], filter_wise: 
             cosines.append(((offsets[i] * offsets[j]).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(0).unsqueeze(-1)
     n = len(ws)
-    t = n * cos / (1 + (n - 1) * cos)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6  # cos = -1/(N-1): no finite ratio, keep the base
+    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(cos), denominator))
     average = sum(ws) / n
     return (t * average + (1 - t) * w0).reshape(shape)
 
@@ -165,9 +167,9 @@ Rescale = Literal["none", "inverse-density", "l1"]
 
 
 def keep_count(n: int, density: float, convention: Convention) -> int:
-    """Entries kept of ``n``: ``ceil(density n)`` (at least 1) in the paper convention, ``int(density n)`` in mergekit's."""
+    """Entries kept of ``n`` (at least 1): ``ceil(density n)`` in the paper convention, ``int(density n)`` in mergekit's."""
     if convention == "mergekit":
-        return int(density * n)
+        return max(1, int(density * n))
     return max(1, math.ceil(density * n))
 
 
@@ -191,22 +193,20 @@ def magnitude_mask(tau: torch.Tensor, density: float, convention: Convention) ->
     return (tau.abs() >= threshold).to(tau.dtype)
 
 
-def outlier_mask(tau: torch.Tensor, density: float, gamma: float, convention: Convention) -> torch.Tensor:
+def outlier_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Model Breadcrumbs: drop the ``gamma`` share of largest |entries| and the smallest, keep ``density``.
 
-    mergekit keeps ``sorted[n_bot:-n_top]``, which is empty when ``n_top`` rounds to 0; the paper
-    convention keeps ``sorted[n_bot:n - n_top]``.
+    With n_top = int(gamma n) and k = int(density n), the entries ranked n_bot .. n_bot + k in
+    ascending |entry| are kept, n_bot = max(0, n - k - n_top) (fewer outliers dropped when k + n_top > n).
     """
     if density >= 1:
         return torch.ones_like(tau)
     n = tau.numel()
     target, n_top = int(density * n), int(gamma * n)
-    n_bot = n - target - n_top
-    if n_bot < 0:
-        n_top, n_bot = n_top + n_bot, 0
+    n_bot = max(0, n - target - n_top)
     order = torch.sort(tau.abs().flatten(), descending=False).indices
     mask = torch.zeros(n, dtype=tau.dtype)
-    mask[order[n_bot:-n_top] if convention == "mergekit" else order[n_bot:n - n_top]] = 1
+    mask[order[n_bot:n_bot + target]] = 1
     return mask.reshape(tau.shape)
 
 
@@ -299,7 +299,7 @@ def sparsify(tau: torch.Tensor, density: float, sparsifier: str, rescale: Rescal
     if sparsifier == "magnitude":
         mask, keep = magnitude_mask(tau, density, convention), density
     elif sparsifier == "outliers":
-        mask, keep = outlier_mask(tau, density, gamma, convention), density
+        mask, keep = outlier_mask(tau, density, gamma), density
     elif sparsifier == "random":
         mask, keep = random_mask(tau, density, generator), density
     elif sparsifier == "della":

@@ -39,7 +39,7 @@ from surgery.core.artifacts import Artifact
 from surgery.core.errors import RecipeError
 from surgery.engines import tensor_merge
 from surgery.engines.merge import StreamOptions, stream_merge_named
-from surgery.engines.merge_params import SETTING_HELP, Setting, TensorParams, check_setting
+from surgery.engines.merge_params import SETTING_HELP, Setting, TensorParams, check_range
 from surgery.models.checkpoint import CheckpointReader
 
 CONVENTION_HELP = ("paper: k = ceil(density n) by threshold, no sign on a zero sum, election on unweighted task vectors; "
@@ -50,23 +50,11 @@ class LinearOptions(StreamOptions):
     weights: list[Setting] | None = Field(None, description=f"one weight per model (default: equal weights); each a {SETTING_HELP}")
     normalize: bool = Field(True, description="divide the weights by their sum (per tensor)")
 
-    @field_validator("weights")
-    @classmethod
-    def _each(cls, values):
-        for value in values or []:
-            check_setting(value)
-        return values
 
 
 class TaskArithmeticOptions(StreamOptions):
     scale: float | list[Setting] = Field(1.0, description=f"lambda per donor (one number for all, or one {SETTING_HELP} per donor)")
 
-    @field_validator("scale")
-    @classmethod
-    def _each(cls, value):
-        for item in value if isinstance(value, list) else []:
-            check_setting(item)
-        return value
 
 
 def _per_model_settings(value, default: float, count: int, where: str, key: str) -> list:
@@ -144,10 +132,10 @@ class TiesOptions(StreamOptions):
     normalize: bool = Field(True, description="disjoint mean: divide by the summed weights of the donors that agree")
     convention: Literal["paper", "mergekit"] = Field("paper", description=CONVENTION_HELP)
 
-    @field_validator("density", "scale")
+    @field_validator("density")
     @classmethod
-    def _setting(cls, value):
-        return check_setting(value)
+    def _density(cls, value):
+        return check_range(value, above=0, at_most=1)
 
 
 class DareOptions(TiesOptions):

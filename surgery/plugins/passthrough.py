@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from surgery import hookimpl
 from surgery.core.artifacts import Artifact
 from surgery.models.checkpoint import CheckpointReader
-from surgery.engines.merge_params import LAYER_PATTERN, SETTING_HELP, Setting, TensorParams, check_setting, layer_count, layer_of
+from surgery.engines.merge_params import LAYER_PATTERN, SETTING_HELP, Setting, TensorParams, layer_count, layer_of
 from surgery.core.errors import RecipeError
 from surgery.core.io import read_json, write_json
 from surgery.core.options import Options
@@ -38,11 +38,6 @@ class Slice(BaseModel):
         if not 0 <= start < end:
             raise ValueError(f"layer range {list(value)} must satisfy 0 <= start < end")
         return value
-
-    @field_validator("scale")
-    @classmethod
-    def _scale(cls, value):
-        return None if value is None else check_setting(value)
 
 
 class PassthroughOptions(Options):

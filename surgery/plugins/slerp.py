@@ -14,28 +14,20 @@ Every number option takes a per-layer gradient or per-tensor filters (:mod:`surg
 from __future__ import annotations
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from surgery.engines import tensor_merge
 from surgery.engines.merge_methods import StreamOptions, TensorCall, expect_entries, fuse_method
-from surgery.engines.merge_params import SETTING_HELP, Setting, check_setting
+from surgery.engines.merge_params import SETTING_HELP, Setting
 from surgery.core.errors import RecipeError
 
 
 class SlerpOptions(StreamOptions):
     t: Setting = Field(..., description=f"interpolation factor, 0 = first model, 1 = second ({SETTING_HELP})")
-    _setting = field_validator("t")(check_setting)
 
 
 class WeightedOptions(StreamOptions):
     weights: list[Setting] | None = Field(None, description=f"one weight per model (default equal); each a {SETTING_HELP}")
-
-    @field_validator("weights")
-    @classmethod
-    def _each(cls, values):
-        for value in values or []:
-            check_setting(value)
-        return values
 
 
 class NuSlerpOptions(WeightedOptions):

@@ -30,7 +30,7 @@ from surgery.engines import tensor_merge
 from surgery.engines.merge_methods import (
     StreamOptions, TaskVectorOptions, TensorCall, fuse_method, task_vector_method,
 )
-from surgery.engines.merge_params import SETTING_HELP, Setting, check_setting
+from surgery.engines.merge_params import SETTING_HELP, Setting, check_range
 
 Rescale = Literal["none", "inverse-density", "l1"]
 
@@ -47,14 +47,20 @@ class DareTiesOptions(DareOptions):
 class BreadcrumbsOptions(TaskVectorOptions):
     density: Setting = Field(0.9, description=f"share of each task vector's entries kept ({SETTING_HELP})")
     gamma: Setting = Field(0.01, description=f"share of largest |entries| dropped as outliers ({SETTING_HELP})")
-    _gamma = field_validator("gamma")(check_setting)
+    @field_validator("gamma")
+    @classmethod
+    def _gamma(cls, value):
+        return check_range(value, at_least=0, at_most=1)
 
 
 class DellaOptions(TaskVectorOptions):
     density: Setting = Field(0.5, description=f"mean keep probability ({SETTING_HELP})")
     epsilon: Setting = Field(0.15, description=f"spread of keep probabilities by magnitude rank ({SETTING_HELP})")
     rescale: Rescale = Field("inverse-density", description="divide kept entries by their keep probability (the paper) or restore the L1 norm (mergekit)")
-    _epsilon = field_validator("epsilon")(check_setting)
+    @field_validator("epsilon")
+    @classmethod
+    def _epsilon(cls, value):
+        return check_range(value, at_least=0, at_most=0.5)
 
 
 class DellaTiesOptions(DellaOptions):
@@ -77,7 +83,10 @@ della_linear = task_vector_method("della-linear", DellaOptions, "della", None,
 
 class SceOptions(StreamOptions):
     select_topk: Setting = Field(1.0, description=f"share of entries kept by variance across donors ({SETTING_HELP})")
-    _topk = field_validator("select_topk")(check_setting)
+    @field_validator("select_topk")
+    @classmethod
+    def _topk(cls, value):
+        return check_range(value, above=0, at_most=1)
 
 
 @fuse_method("sce", SceOptions, min_models=2)
