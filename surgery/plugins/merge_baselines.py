@@ -129,6 +129,7 @@ class TiesOptions(StreamOptions):
     density: Setting = Field(0.2, description=f"share of each task vector's entries kept, largest |entries| ({SETTING_HELP})")
     scale: Setting = Field(1.0, description=f"lambda applied to the merged task vector ({SETTING_HELP})")
     weights: list[Setting] | None = Field(None, description="one weight per donor (default 1 each)")
+    densities: list[Setting] | None = Field(None, description="one density per donor (overrides density)")
     normalize: bool = Field(True, description="disjoint mean: divide by the summed weights of the donors that agree")
     convention: Literal["paper", "mergekit"] = Field("paper", description=CONVENTION_HELP)
 
@@ -136,6 +137,13 @@ class TiesOptions(StreamOptions):
     @classmethod
     def _density(cls, value):
         return check_range(value, above=0, at_most=1)
+
+    @field_validator("densities")
+    @classmethod
+    def _densities(cls, values):
+        for value in values or []:
+            check_range(value, above=0, at_most=1)
+        return values
 
 
 class DareOptions(TiesOptions):
@@ -174,13 +182,14 @@ def _task_vector_fuse(ctx, sparsifier: str, consensus: str | None, normalize: bo
     opts, seed = ctx.options, ctx.seed
     donors = len(ctx.models) - 1
     weights = _per_model_settings(opts.weights, 1.0, donors, ctx.where, "weights")
+    densities = ([opts.density] * donors if opts.densities is None
+                 else _per_model_settings(opts.densities, 1.0, donors, ctx.where, "densities"))
     params = _params(ctx)
 
     def combine(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        density = params.value(opts.density, name, 1.0)
         generators = [dare_generator(seed, name, i) for i in range(donors)] if sparsifier == "random" else None
         return tensor_merge.task_vector_merge(
-            tensors[0], tensors[1:], params.values(weights, name, donors, 1.0), [density] * donors,
+            tensors[0], tensors[1:], params.values(weights, name, donors, 1.0), params.values(densities, name, donors, 1.0),
             params.value(opts.scale, name, 1.0), sparsifier, consensus, normalize, rescale, opts.convention, generators)
 
     artifact = stream_merge_named(ctx, combine, opts.max_shard_mb)
