@@ -306,3 +306,23 @@ def test_passthrough_builds_deeper_and_shallower_models_that_reload(tmp_path, tr
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(short(ids).logits, truncated(ids).logits)
+
+
+def test_a_merged_model_carries_a_card_and_no_zoo_record(tmp_path):
+    run = run_steps(tmp_path, {"a": "builtin:tiny-llama/task-a", "b": "builtin:tiny-llama/task-b"},
+                    [{"fuse": {"plugin": "slerp", "t": 0.5, "as": "merged"}}])
+    model_dir = run / "00-fuse-slerp" / "model"
+    assert not (model_dir / "zoo.json").exists()  # the task-a entry's record is not this model's
+    card = (model_dir / "README.md").read_text()
+    assert card.startswith("---\n") and "builtin:tiny-llama/task-a" in card and "builtin:tiny-llama/task-b" in card
+    assert "`fuse` with the `slerp` plugin" in card and "t: 0.5" in card
+
+
+def test_merge_recipes_validate():
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    manager = Manager()
+    for name in ("merge-methods", "passthrough", "captum"):
+        load_recipe(root / f"{name}.yaml", manager, [])

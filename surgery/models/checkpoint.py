@@ -24,8 +24,8 @@ SINGLE_FILE = "model.safetensors"
 SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
-    "chat_template.jinja", "preprocessor_config.json", "processor_config.json", "zoo.json",
-)
+    "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
+)  # not zoo.json: a zoo entry's record describes that entry, not a model derived from it
 
 
 class CheckpointReader:
