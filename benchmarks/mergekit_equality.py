@@ -5,7 +5,9 @@ its own environment), translated with ``surgery import mergekit`` and run here; 
 is compared. Inputs: the zoo trio (``builtin:tiny-llama/{base,task-a,task-b}``) and SmolLM2-135M with
 two perturbed copies (base + N(0, (0.01 std)^2) per tensor, seeded). DARE and DELLA draw random masks
 from different generators here and in mergekit, so they are compared at density 1 (their weights,
-sign election, normalisation and lambda); their masks are checked by the unit tests instead.
+sign election, normalisation and lambda); their masks are checked by the unit tests instead. A
+control row runs TIES under the paper's rules (``convention: paper``) against mergekit's output:
+it must differ, or the comparison would prove nothing.
 
 mergekit is not a dependency; install it in a separate environment (CPU torch first)::
 
@@ -137,13 +139,14 @@ def run_mergekit(python: str, jobs: list[tuple[dict, Path]], log) -> dict[Path, 
     return {Path(line.rsplit(" ", 1)[0]): float(line.rsplit(" ", 1)[1]) for line in done.stdout.splitlines() if line.strip()}
 
 
-def run_ours(config: dict, work: Path, name: str) -> tuple[Path, float, list[str]]:
+def run_ours(config: dict, work: Path, name: str, override: dict | None = None) -> tuple[Path, float, list[str]]:
     from surgery.plugins.mergekit_import import translate
     from surgery.runtime.manager import Manager
     from surgery.runtime.recipe import validate
     from surgery.runtime.runner import run_recipe
 
     recipe, skipped = translate(config, work, name)
+    recipe["steps"][0]["fuse"].update(override or {})
     recipe["output"] = str(work / f"run-{name}")
     manager = Manager()
     started = time.perf_counter()
@@ -226,8 +229,15 @@ def main() -> None:
                 print(f"{which:8s} {text:60s} tensors={result['tensors']:4d} max_abs={result['max_abs']:.2e} "
                       f"max_rel={result['max_rel']:.2e} {'equal' if equal else 'DIFFERENT'} mergekit {t_mk:.1f}s ours {t_ours:.1f}s",
                       flush=True)
-                shutil.rmtree(theirs_dir)
                 shutil.rmtree(work / f"run-{name}")
+                if text.startswith("ties (lambda"):  # a control: the paper's TIES rules must differ
+                    control_dir, t_ours, _ = run_ours(config, work, name, {"convention": "paper"})
+                    result = compare(control_dir, theirs_dir)
+                    equal = not result["mismatched_names"] and result["max_rel"] <= args.tolerance
+                    rows.append((which, "control: " + text + ", convention: paper", result, equal, t_mk, t_ours, []))
+                    print(f"{which:8s} {rows[-1][1]:60s} max_rel={result['max_rel']:.2e} {'equal' if equal else 'DIFFERENT'}", flush=True)
+                    shutil.rmtree(work / f"run-{name}")
+                shutil.rmtree(theirs_dir)
     print()
     print("| inputs | method (settings) | tensors | max abs diff | max rel diff | equal | mergekit s | ours s |")
     print("|---|---|---|---|---|---|---|---|")
