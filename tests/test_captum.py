@@ -19,9 +19,9 @@ from surgery.runtime.runner import run_recipe  # noqa: E402
 ZOO_DATA = {"probe": {"source": "synthetic", "tasks": ["copy", "reverse"], "n": 8, "seed": 0, "batch_size": 4}}
 
 
-def zoo_run(root: Path, name: str, steps: list[dict], model: str = "builtin:tiny-llama/base") -> Path:
+def zoo_run(root: Path, name: str, steps: list[dict], model: str = "builtin:tiny-llama/base", data: dict = ZOO_DATA) -> Path:
     recipe = root / f"{name}.yaml"
-    recipe.write_text(json.dumps({"name": name, "seed": 0, "models": {"base": model}, "data": ZOO_DATA, "steps": steps}))
+    recipe.write_text(json.dumps({"name": name, "seed": 0, "models": {"base": model}, "data": data, "steps": steps}))
     parsed = load_recipe(recipe, manager(), [], str(root / f"run-{name}"))
     run_recipe(parsed, manager(), quiet=True)
     return parsed.output
@@ -49,12 +49,13 @@ def test_captum_integrated_gradients_equals_ig_joint_on_the_zoo_model(tmp_path):
 def test_every_captum_method_runs_keeps_the_artifact_and_prunes(tmp_path):
     methods = {"GradientShap": {"n_samples": 3}, "Saliency": {"abs": False}, "InputXGradient": {},
                "FeatureAblation": {"perturbations_per_eval": 4}, "Occlusion": {"sliding_window_shapes": 2, "strides": 2},
-               "KernelShap": {"n_samples": 24}, "ShapleyValueSampling": {"n_samples": 2}, "Lime": {"n_samples": 24}}
+               "KernelShap": {"n_samples": 16}, "ShapleyValueSampling": {"n_samples": 2}, "Lime": {"n_samples": 16}}
     steps = [{"attribute": {"plugin": "captum", "method": m, "args": a, "answer_only": True, "name": m}} for m, a in methods.items()]
     steps += [{"attribute": {"plugin": "ablation", "answer_only": True, "name": "ours-ablation"}},
               {"attribute": {"plugin": "grad-x-act", "absolute": False, "answer_only": True, "name": "ours-grad"}},
               {"prune": {"plugin": "magnitude", "fraction": 0.25, "inputs": {"attribute": "ShapleyValueSampling"}, "as": "pruned"}}]
-    out = zoo_run(tmp_path, "all", steps)
+    small = {"probe": {**ZOO_DATA["probe"], "n": 4}}
+    out = zoo_run(tmp_path, "all", steps, data=small)
     arts = {m: Artifact.load(out / f"{i:02d}-attribute-captum") for i, m in enumerate(methods)}
     for method, art in arts.items():
         assert art.tensors["scores"].shape == (2, 4) and torch.isfinite(art.tensors["scores"]).all(), method
