@@ -44,6 +44,7 @@ from torch import nn
 
 from surgery.errors import SurgeryError
 from surgery.io import read_tensors, write_json, write_tensors
+from surgery.objectives import flat_nll
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -430,7 +431,7 @@ def _next_token_nll(logits_btv: torch.Tensor, batch: dict) -> tuple[float, int]:
     if batch.get("answer_mask") is not None:
         keep_bt = keep_bt & batch["answer_mask"].bool()
     keep_bt = keep_bt[:, 1:].to(logits_btv.device)
-    nll_bt = F.cross_entropy(logits_btv[:, :-1].float().transpose(1, 2), ids_bt[:, 1:], reduction="none")
+    nll_bt = flat_nll(logits_btv[:, :-1].flatten(0, 1), ids_bt[:, 1:].flatten()).view(ids_bt[:, 1:].shape)
     return float(nll_bt[keep_bt].sum()), int(keep_bt.sum())
 
 
