@@ -87,6 +87,16 @@ def resolve_path(spec: ModelSpec) -> Path | str:
     return Path(spec.path) if Path(spec.path).exists() else spec.path
 
 
+def architecture_of(spec: ModelSpec) -> str | None:
+    """The model class a spec loads, from its config or its builder alone (None: unknown offline)."""
+    from surgery.embeddings import architecture_in
+
+    if spec.path.startswith(BUILTIN):
+        _ensure_registries()
+        return getattr(MODELS.get(spec.path[len(BUILTIN):]), "architecture", None)
+    return architecture_in(Path(spec.path)) if Path(spec.path).is_dir() else None
+
+
 @dataclass
 class LoadedModel:
     name: str

@@ -8,6 +8,15 @@ An objective is an object with a ``name`` and two methods:
 - ``loss(logits_btv, batch) -> loss_b``: one loss per row, the mean negative log-likelihood over
   the row's counted positions (a row with none counts 0).
 
+Two optional attributes widen this to models without an LM head:
+
+- ``output`` (default ``"logits"``): the field of the model's output that ``loss`` receives in place
+  of the logits (``"last_hidden_state"`` for a bare encoder). Recipes are checked against it before
+  anything loads (:mod:`surgery.embeddings`: a model/objective mismatch is a validation error).
+- ``reference(model, batch, directory) -> dict``: extra batch entries computed once from the
+  unmodified model (e.g. its embeddings, which a distortion objective compares the gated model's
+  to); callers merge them into the prepared batch before any gate or prune touches the model.
+
 Batches carry ``input_ids`` and ``attention_mask`` ``[B, T]``, optionally ``labels`` aligned with
 ``input_ids`` (-100 where ignored; causal objectives shift them themselves),
 ``special_tokens_mask`` (never masked) and ``mask_token_id`` (an int, for masking objectives).
@@ -63,6 +72,37 @@ def get_objective(name: str) -> Objective:
 
         get_manager()
     return OBJECTIVES.get(name)
+
+
+class ObjectiveLoss:
+    """``objective.loss`` as a loss function that also names the model output it reads."""
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
+        self.output = output_field(objective)
+
+    def __call__(self, output_bt: torch.Tensor, batch: dict) -> torch.Tensor:
+        return self.objective.loss(output_bt, batch)
+
+
+def output_field(objective: Objective) -> str:
+    """The model output field the objective's loss reads (``logits`` unless it says otherwise)."""
+    return getattr(objective, "output", "logits")
+
+
+def read_output(model_output, field: str) -> torch.Tensor:
+    """``model_output.<field>``; a one-line error when the model does not return it."""
+    value = getattr(model_output, field, None)
+    if value is None:
+        raise PluginError(f"the model ({type(model_output).__name__}) returns no {field!r}; "
+                          f"pick an objective that reads what it returns")
+    return value
+
+
+def with_reference(objective: Objective, model: torch.nn.Module, batch: dict, directory=None) -> dict:
+    """The prepared batch plus the objective's reference entries from ``model`` (if it has any)."""
+    reference = getattr(objective, "reference", None)
+    return batch if reference is None else {**batch, **reference(model, batch, directory)}
 
 
 def token_nll(logits_btv: torch.Tensor, labels_bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

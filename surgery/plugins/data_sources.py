@@ -6,7 +6,8 @@
 - ``stdlib-text``: natural English from the Python standard library's documentation
   (``pydoc_data.topics``), cut into passages of ``words`` words; needs no file. Passages are cut in
   topic order, then shuffled with the data seed (``shuffle: false`` keeps topic order). The text is
-  that of the running Python version.
+  that of the running Python version. ``part: a`` / ``part: b`` keep only the even / odd topics (in
+  sorted order), two disjoint halves: attribute on one, judge on the other.
 - ``image-text``: ``{"image": "cat.png", "text": ...}`` per line; the image path is relative to the
   JSONL file. PNG/JPEG need Pillow and give [3, H, W] in [0, 1]; ``.npy`` (loaded without pickle)
   and ``.safetensors`` (one tensor, or the one named ``pixel_values``) hold a [C, H, W] array as is.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -32,6 +34,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 class StdlibTextOptions(Options):
     words: int = Field(64, ge=4, le=4096, description="words per passage")
     shuffle: bool = Field(True, description="shuffle passages with the data seed")
+    part: Literal["all", "a", "b"] = Field("all", description="all topics, or the even (a) / odd (b) half of them")
 
 
 class ImageTextOptions(Options):
@@ -78,22 +81,30 @@ def load_preference(spec: DataSpec, seed: int) -> list[dict]:
 def load_stdlib_text(spec: DataSpec, seed: int) -> list[dict]:
     if spec.path is not None:
         raise DataError("source 'stdlib-text' takes no 'path'")
-    passages = stdlib_passages(spec.options["words"])
+    passages = stdlib_passages(spec.options["words"], spec.options.get("part", "all"))
     if spec.options["shuffle"]:
         random.Random(seed).shuffle(passages)
     return [{"text": passage} for passage in passages]
 
 
-def stdlib_passages(words_per_passage: int) -> list[str]:
+def stdlib_topics(part: str = "all") -> list[tuple[str, str]]:
+    """``(name, text)`` of the documentation topics in sorted order: all, the even (``a``) or odd (``b``) ones."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    if part != "all":
+        keys = keys[0 if part == "a" else 1::2]
+    return [(key, topics[key]) for key in keys]
+
+
+def stdlib_passages(words_per_passage: int, part: str = "all") -> list[str]:
     """Passages of ``words_per_passage`` words from each documentation topic, in topic order.
 
     A topic's last, shorter passage is kept when it has at least half the words.
     """
-    from pydoc_data.topics import topics
-
     passages = []
-    for key in sorted(topics):
-        words = topics[key].split()
+    for _, text in stdlib_topics(part):
+        words = text.split()
         for start in range(0, len(words), words_per_passage):
             chunk = words[start:start + words_per_passage]
             if len(chunk) * 2 >= words_per_passage:

@@ -18,6 +18,8 @@ from surgery.zoo.tasks import IMAGE_SIZE
 from surgery.zoo.tokenizer import BOS, EOS, IMAGE, PAD, VOCAB
 
 ARCHITECTURES = ("llama", "qwen2", "gpt2", "bert", "llada", "llava")
+MODEL_CLASSES = {"llama": "LlamaForCausalLM", "llada": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM", "llava": "LlavaForConditionalGeneration"}
 MAX_POSITIONS = 64
 PATCH_SIZE = 8
 
