@@ -88,11 +88,14 @@ def load_stdlib_text(spec: DataSpec, seed: int) -> list[dict]:
 
 
 def stdlib_topics(part: str = "all") -> list[tuple[str, str]]:
-    """``(name, text)`` of the documentation topics in sorted order: all, the even (``a``) or odd (``b``) ones."""
+    """``(name, text)`` of the documentation topics in sorted order: all, the even (``a``) or odd (``b``) ones.
+    In a half, a topic whose text repeats an earlier one's (``if`` and ``else``) is left out."""
     from pydoc_data.topics import topics
 
     keys = sorted(topics)
     if part != "all":
+        seen: set[str] = set()
+        keys = [key for key in keys if not (topics[key] in seen or seen.add(topics[key]))]
         keys = keys[0 if part == "a" else 1::2]
     return [(key, topics[key]) for key in keys]
 
@@ -100,7 +103,8 @@ def stdlib_topics(part: str = "all") -> list[tuple[str, str]]:
 def stdlib_passages(words_per_passage: int, part: str = "all") -> list[str]:
     """Passages of ``words_per_passage`` words from each documentation topic, in topic order.
 
-    A topic's last, shorter passage is kept when it has at least half the words.
+    A topic's last, shorter passage is kept when it has at least half the words. Part ``b`` leaves
+    out the few passages that also occur word for word in part ``a`` (topics share some paragraphs).
     """
     passages = []
     for _, text in stdlib_topics(part):
@@ -109,6 +113,9 @@ def stdlib_passages(words_per_passage: int, part: str = "all") -> list[str]:
             chunk = words[start:start + words_per_passage]
             if len(chunk) * 2 >= words_per_passage:
                 passages.append(" ".join(chunk))
+    if part == "b":
+        other = set(stdlib_passages(words_per_passage, "a"))
+        passages = [p for p in passages if p not in other]
     return passages
 
 

@@ -3,7 +3,8 @@ first sentence? A task metric for encoders (e.g. a pruned MiniLM) computed on lo
 
 Pairs come from the standard library's documentation topics (``pydoc_data.topics``; by default the
 odd half, ``part: b``, so recipes attribute on the even half, ``stdlib-text`` with ``part: a``):
-every prose paragraph of at least ``min_words`` words and two sentences gives a query (its first
+every prose paragraph of at least ``min_words`` words and two sentences, and not also in the other
+half, gives a query (its first
 sentence) and a document (the rest of the paragraph). Each query is embedded, and so is every
 document, with the model's pooling (:func:`surgery.embeddings.pooling_mode`); the documents are
 ranked by cosine similarity. Figures per model: ``recall@1``, ``recall@5`` and the mean reciprocal
@@ -39,6 +40,7 @@ class RetrievalOptions(Options):
 
 def paragraph_pairs(part: str, n: int, min_words: int) -> list[tuple[str, str]]:
     """``(first sentence, rest of the paragraph)`` for prose paragraphs of the chosen topics."""
+    others = " ".join(" ".join(text.split()) for _, text in stdlib_topics("a" if part == "b" else "b")) if part != "all" else ""
     pairs = []
     for _, text in stdlib_topics(part):
         for block in re.split(r"\n\s*\n", text):
@@ -46,6 +48,8 @@ def paragraph_pairs(part: str, n: int, min_words: int) -> list[tuple[str, str]]:
                 continue  # grammar, code and headings
             paragraph = " ".join(block.split())
             sentences = SENTENCE_END.split(paragraph, maxsplit=1)
+            if paragraph in others:  # the other half has it too (topics share some paragraphs)
+                continue
             if len(paragraph.split()) >= min_words and len(sentences) == 2 and len(sentences[0].split()) >= 4:
                 pairs.append((sentences[0], sentences[1]))
     return pairs[:n]
