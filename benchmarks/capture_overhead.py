@@ -25,8 +25,10 @@ import torch
 import transformers
 from nnsight import NNsight
 
-from surgery.adapters import view
-from surgery.capture import Capture, mlp_activations, mlp_write_projection
+from surgery.runtime.manager import Manager
+
+REGISTRIES = Manager().registries
+from surgery.engines.capture import Capture, mlp_activations, mlp_write_projection
 
 
 def build_model() -> torch.nn.Module:
@@ -61,7 +63,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = build_model().to(device)
-    layers = view(model).layers
+    layers = REGISTRIES.view(model).layers
     generator = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(0, 1024, (8, 128), generator=generator).to(device),
              "attention_mask": torch.ones(8, 128, dtype=torch.long, device=device)}

@@ -57,22 +57,23 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, d
 
 
 def constraint_for(loss: str, reference: torch.nn.Module, args: argparse.Namespace):
-    from surgery import preference as po
+    from surgery.engines import preference as po
+    from surgery.engines.sae import SAEConfig, SparseAutoencoder, site_path
     from surgery.plugins.fpo import FeatureConstraint, LogitConstraint
-    from surgery.sae import SAEConfig, SparseAutoencoder, site_path
+    from surgery.runtime.manager import Manager
 
     if loss == "tdpo2":
         return LogitConstraint(reference, po.seqkl)
     if loss == "fpo":
         sae = SparseAutoencoder(SAEConfig(d_in=args.hidden, d_sae=args.expansion * args.hidden, architecture="topk", k=args.k))
-        return FeatureConstraint(reference, sae, site_path(reference, -1), args.k)
+        return FeatureConstraint(reference, sae, site_path(Manager().registries.view(reference), -1), args.k)
     return None
 
 
 def cache_for(loss: str, reference, constraint, batch: dict, args) -> dict[str, torch.Tensor]:
-    """What the tune step caches per example, built the way ``surgery.tuning.reference_cache`` does."""
-    from surgery.data import split_preference
-    from surgery.preference import sequence_logps
+    """What the tune step caches per example, built the way ``surgery.engines.tuning.reference_cache`` does."""
+    from surgery.engines.preference import sequence_logps
+    from surgery.models.data import split_preference
 
     cache: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -87,7 +88,7 @@ def cache_for(loss: str, reference, constraint, batch: dict, args) -> dict[str, 
 
 
 def measure(loss: str, args: argparse.Namespace, queue=None) -> dict:
-    from surgery import tuning
+    from surgery.engines import tuning
 
     torch.set_num_threads(args.threads)
     policy, reference, batch = build(args)

@@ -23,11 +23,11 @@ TASKS = ("copy", "reverse", "sort", "inc")
 
 
 def run(recipe: str, seed: int, output: Path, overrides: list[str]) -> dict:
-    from surgery.manager import get_manager
-    from surgery.recipe import load_recipe
-    from surgery.runner import run_recipe
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import load_recipe
+    from surgery.runtime.runner import run_recipe
 
-    manager = get_manager()
+    manager = Manager()
     report = run_recipe(load_recipe(recipe, manager, [f"seed={seed}", *overrides], str(output)), manager, quiet=True)
     steps = {step["stage"]: step["figures"] for step in report["steps"]}
     accuracy = steps["evaluate"]

@@ -20,9 +20,10 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from surgery.adapters import view
-from surgery.gates import head_sites
-from surgery.objectives import get_objective
+from surgery.runtime.manager import Manager
+
+REGISTRIES = Manager().registries
+from surgery.engines.gates import head_sites
 from surgery.plugins.ig import baseline_values, ig_joint, ig_per_layer, quadrature
 
 
@@ -84,9 +85,9 @@ def main() -> None:
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.heads, max_position_embeddings=max(64, args.seq))
     model = LlamaForCausalLM(config).eval().to(args.device)
-    sites = head_sites(view(model))
+    sites = head_sites(REGISTRIES.view(model))
     ids = torch.randint(0, 1024, (args.batch, args.seq)).to(args.device)
-    objective = get_objective("causal-lm")
+    objective = REGISTRIES.objectives.get("causal-lm")
     batch = objective.prepare({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.Generator())
     loss_fn = objective.loss
     base = baseline_values("zero", sites)

@@ -2,7 +2,7 @@
 
 On the same probe inputs (zoo prompts, or ``--model`` any causal LM with ``--data stdlib-text``),
 times the median of ``--repeats`` runs of:
-- ``teacher-forced``: one streamed capture (:class:`surgery.capture.Capture`) of every layer's MLP
+- ``teacher-forced``: one streamed capture (:class:`surgery.engines.capture.Capture`) of every layer's MLP
   activations and outputs over the inputs' full texts, batch ``--batch-size``;
 - ``lape N_s=1``: LAPE with one path per input (generation with the KV cache + one reading pass);
 - ``lape N_s=8`` (``--paths``): the same with N_s paths per input, generated in one batch per
@@ -20,25 +20,27 @@ from typing import Callable
 
 import torch
 
-from surgery.adapters import view
-from surgery.capture import Capture, mlp_activations, mlp_outputs
-from surgery.data import batches
-from surgery.plugins.lape import PathSettings, encode_model, prompt_ids
+from surgery.runtime.manager import Manager
+
+REGISTRIES = Manager().registries
+from surgery.engines.capture import Capture, mlp_activations, mlp_outputs
+from surgery.engines.paths import PathSettings, encode_model, prompt_ids
+from surgery.models.data import batches
 
 
 def load(name: str, device: str):
-    from surgery.models import ModelSpec, load_model
+    from surgery.models.loading import ModelSpec, load_model
 
-    loaded = load_model("model", ModelSpec(path=name), device)
+    loaded = load_model("model", ModelSpec(path=name), REGISTRIES, device)
     return loaded.module, loaded.tokenizer
 
 
 def probe_examples(data: str, inputs: int) -> list[dict]:
     if data == "synthetic":
-        from surgery.zoo.tasks import make_examples
+        from surgery.models.zoo.tasks import make_examples
 
         return make_examples("synthetic-mix", inputs, seed=0, split="train")
-    from surgery.data import DataSpec
+    from surgery.models.data import DataSpec
     from surgery.plugins.data_sources import load_stdlib_text
 
     return load_stdlib_text(DataSpec(source="stdlib-text", options={"words": 24, "shuffle": True}), 0)[:inputs]
@@ -74,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model, args.device)
-    model_view = view(model)
+    model_view = REGISTRIES.view(model)
     examples = probe_examples(args.data, args.inputs)
     prompts = prompt_ids(tokenizer, examples)
     plan = {str(layer.index): [mlp_activations(layer), mlp_outputs(layer)] for layer in model_view.layers}

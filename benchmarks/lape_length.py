@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from surgery.artifacts import Artifact
+from surgery.core.artifacts import Artifact
 
 LEN_MAX = (16, 32, 64)
 SEEDS = (0, 1, 2)
@@ -41,9 +41,9 @@ def recipe(args, seed: int, captures: list[dict], output: Path) -> dict:
 
 
 def run(raw: dict) -> dict[str, Artifact]:
-    from surgery.manager import Manager
-    from surgery.recipe import validate
-    from surgery.runner import run_recipe
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import validate
+    from surgery.runtime.runner import run_recipe
 
     manager = Manager()
     recipe_ = validate(raw, manager, base_dir=Path.cwd())

@@ -27,16 +27,16 @@ CHILD = r"""
 import json, sys, time
 from pathlib import Path
 import torch, transformers, safetensors  # the imports a merge needs
-from surgery.manager import get_manager
-from surgery.recipe import load_recipe
-from surgery.runner import run_recipe
+from surgery.runtime.manager import Manager
+from surgery.runtime.recipe import load_recipe
+from surgery.runtime.runner import run_recipe
 
 def rss_kib(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1])
 
-manager = get_manager()
+manager = Manager()
 recipe = load_recipe(sys.argv[1], manager)
 after_imports = rss_kib("VmRSS")
 start = time.perf_counter()

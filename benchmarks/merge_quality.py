@@ -104,9 +104,9 @@ def prepared_recipe(row: Row, fixtures: dict[str, str], examples: int) -> dict:
 
 
 def run_raw(raw: dict, output: Path) -> dict:
-    from surgery.manager import Manager
-    from surgery.recipe import validate
-    from surgery.runner import run_recipe
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import validate
+    from surgery.runtime.runner import run_recipe
 
     manager = Manager()
     recipe = validate(raw, manager, base_dir=RECIPES, source=raw.get("name", "recipe"), output=str(output))
@@ -142,10 +142,10 @@ def evaluate_inputs(fixtures: dict[str, str], examples: int, output: Path, llava
 
 def stress_fixtures() -> dict[str, str]:
     """The parent fine-tuned on each task with a 10x learning rate (built once, then cached)."""
-    from surgery.models import cache_dir
-    from surgery.zoo.build import build, load
-    from surgery.zoo.tasks import accuracy
-    from surgery.zoo.train import single_thread, train
+    from surgery.models.loading import cache_dir
+    from surgery.models.zoo.build import build, load
+    from surgery.models.zoo.tasks import accuracy
+    from surgery.models.zoo.train import single_thread, train
 
     parent_dir = build("tiny-llama/base")
     root = cache_dir() / "merge-quality"

@@ -23,7 +23,7 @@ def make_inputs(root: Path, examples: int) -> tuple[Path, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from surgery.zoo.tasks import make_examples
+    from surgery.models.zoo.tasks import make_examples
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,

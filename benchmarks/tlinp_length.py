@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
+from surgery.core.artifacts import Artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tlinp-length.yaml"
@@ -62,9 +62,9 @@ def run(weighting: str, alpha: float, model: str, output: Path) -> Path:
     """Run the recipe with the given weight step; finished steps are reused on a re-run."""
     import yaml
 
-    from surgery.manager import Manager
-    from surgery.recipe import validate
-    from surgery.runner import run_recipe
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import validate
+    from surgery.runtime.runner import run_recipe
 
     raw = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
     raw["models"]["lm"] = model
@@ -78,8 +78,8 @@ def run(weighting: str, alpha: float, model: str, output: Path) -> Path:
 
 def profiles(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     """{profile: {length: [neurons of every layer]}} from the run's capture steps."""
-    from surgery.artifacts import Artifact
-    from surgery.capture import Stats
+    from surgery.core.artifacts import Artifact
+    from surgery.engines.capture import Stats
 
     out: dict[str, dict[str, torch.Tensor]] = {"mean a": {}, "mean |a|": {}}
     for index, length in enumerate(LENGTHS, start=1):

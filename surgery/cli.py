@@ -11,13 +11,16 @@ from pathlib import Path
 
 import click
 
-from surgery.errors import SurgeryError, one_line
-from surgery.manager import Manager, get_manager
-from surgery.recipe import load_recipe
+from surgery.core.errors import SurgeryError, one_line
+from surgery.runtime.manager import Manager
+from surgery.runtime.recipe import load_recipe
 
 
 def _manager(plugin_refs: tuple[str, ...] = ()) -> Manager:
-    manager = get_manager()
+    """The command's manager (built once in :func:`main`), with the ``--plugin`` files added."""
+    manager = click.get_current_context().find_object(Manager)
+    if manager is None:  # the group was invoked directly, not through main()
+        manager = click.get_current_context().find_root().obj = Manager()
     for ref in plugin_refs:
         manager.add(ref, Path.cwd())
     return manager
@@ -45,8 +48,8 @@ def _common_run_options(fn):
 def run(recipe: str, overrides: tuple[str, ...], plugin_refs: tuple[str, ...], output: str | None, device: str | None,
         nproc: int, debug: bool) -> None:
     """Validate RECIPE, then run its steps (finished steps are reused)."""
-    from surgery import distributed
-    from surgery.runner import run_recipe
+    from surgery.core import distributed
+    from surgery.runtime.runner import run_recipe
 
     manager = _manager(plugin_refs)
     parsed = load_recipe(recipe, manager, overrides, output)
@@ -112,8 +115,8 @@ def eval_command(models: tuple[str, ...], tasks: str | None, count: int, evaluat
     """Score MODELS (builtin:NAME, directories or hub ids) side by side in one table."""
     import tempfile
 
-    from surgery.recipe import validate
-    from surgery.runner import run_recipe
+    from surgery.runtime.recipe import validate
+    from surgery.runtime.runner import run_recipe
 
     manager = _manager()
     options: dict = {"plugin": evaluator}
@@ -144,13 +147,13 @@ def init(template: str, output: str | None) -> None:
     """Write a starter recipe (templates: see `surgery init --list`)."""
     names = sorted(p.name[:-5] for p in resources.files("surgery.templates").iterdir() if p.name.endswith(".yaml"))
     if template not in names:
-        from surgery.registry import did_you_mean
+        from surgery.core.registry import did_you_mean
 
         raise SurgeryError(f"unknown template {template!r}" + did_you_mean(template, names))
     target = Path(output or f"{template}.yaml")
     if target.exists():
         raise SurgeryError(f"{target} exists; choose another name with --output")
-    from surgery.io import write_text
+    from surgery.core.io import write_text
 
     write_text(target, resources.files("surgery.templates").joinpath(f"{template}.yaml").read_text())
     click.echo(f"wrote {target}; run it with: surgery run {target}")
@@ -187,11 +190,14 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _add_plugin_commands() -> None:
+def _load_manager() -> Manager | None:
+    """The one manager of this command, with the plugins' commands added to the group."""
     try:
-        get_manager().pm.hook.register_commands(cli=cli)
+        manager = Manager()
     except SurgeryError:
-        pass  # reported again, with a message, when a command needs the manager
+        return None  # reported again, with a message, when a command needs the manager
+    manager.pm.hook.register_commands(cli=cli)
+    return manager
 
 
 def main() -> None:
@@ -199,8 +205,7 @@ def main() -> None:
     debug = "--debug" in sys.argv
     _quiet_transformers()
     try:
-        _add_plugin_commands()
-        code = cli.main(standalone_mode=False)
+        code = cli.main(standalone_mode=False, obj=_load_manager())
         if isinstance(code, int) and code:
             sys.exit(code)
     except click.exceptions.Abort:

@@ -2,9 +2,9 @@
 
 Stage hooks (``capture`` ... ``evaluate``) are never broadcast: the runner calls exactly the
 plugin a recipe step names (``Manager.call_stage``), so several plugins can implement one stage side
-by side. Each stage hook receives one :class:`surgery.context.StepContext` called ``ctx``; the step's
+by side. Each stage hook receives one :class:`surgery.runtime.context.StepContext` called ``ctx``; the step's
 validated options are ``ctx.options`` (an instance of the schema the plugin returned from
-``option_schema``). A stage hook returns an :class:`surgery.artifacts.Artifact` that the runner saves
+``option_schema``). A stage hook returns an :class:`surgery.core.artifacts.Artifact` that the runner saves
 under ``<output>/<NN>-<stage>-<plugin>/``; ``weight`` and ``constrain`` return objects used by other
 steps instead (see their contracts).
 
@@ -21,8 +21,8 @@ if TYPE_CHECKING:  # imported for annotations only; the core stays importable wi
     import click
     from pydantic import BaseModel
 
-    from surgery.artifacts import Artifact
-    from surgery.context import StepContext
+    from surgery.core.artifacts import Artifact
+    from surgery.runtime.context import StepContext
 
 hookspec = pluggy.HookspecMarker("surgery")
 hookimpl = pluggy.HookimplMarker("surgery")
@@ -41,7 +41,7 @@ def option_schema(stage: str) -> "type[BaseModel] | None":
 
     Called on one plugin at a time, before any model or data is loaded, by ``surgery validate``,
     ``surgery run`` and ``surgery describe``. The schema should forbid unknown keys
-    (``model_config = ConfigDict(extra="forbid")``; :class:`surgery.options.Options` does this) and
+    (``model_config = ConfigDict(extra="forbid")``; :class:`surgery.core.options.Options` does this) and
     give every field a type, a default where one is sensible, and a ``description``. Keys the core
     reads itself (``plugin``, ``name``, ``models``, ``data``, ``inputs``, ``as``) are removed
     before validation. Return ``None`` for a stage this plugin does not implement.
@@ -155,14 +155,14 @@ def evaluate(ctx: "StepContext") -> "Artifact":
 @hookspec
 def register_architectures(register: Callable[..., None]) -> None:
     """Add architecture adapters: ``register(model_type, build_view)`` where
-    ``build_view(model, part) -> surgery.adapters.ModelView`` (``part`` names a sub-model such as
+    ``build_view(model, part) -> surgery.models.adapters.ModelView`` (``part`` names a sub-model such as
     LLaVA's ``language`` or ``vision``). ``model_type`` is ``config.model_type``.
     """
 
 
 @hookspec
 def register_objectives(register: Callable[..., None]) -> None:
-    """Add objectives: ``register(name, objective)``; see :class:`surgery.objectives.Objective`."""
+    """Add objectives: ``register(name, objective)``; see :class:`surgery.models.objectives.Objective`."""
 
 
 @hookspec
@@ -180,4 +180,8 @@ def register_models(register: Callable[..., None]) -> None:
 
 @hookspec
 def register_commands(cli: "click.Group") -> None:
-    """Add click commands to the ``surgery`` command group."""
+    """Add click commands to the ``surgery`` command group.
+
+    A command reaches the plugin manager of its invocation, and through it the registries, as
+    ``click.get_current_context().obj`` (a :class:`surgery.runtime.manager.Manager`).
+    """

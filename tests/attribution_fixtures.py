@@ -6,10 +6,9 @@ import random
 from pathlib import Path
 
 import torch
+from tiny_models import VOCAB, build
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
-
-from tiny_models import VOCAB, build
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<mask>")
 WORDS = tuple(f"w{i}" for i in range(len(SPECIALS), VOCAB))
@@ -52,18 +51,19 @@ def write_recipe(path: Path, model: Path, probe: Path, steps: list[dict], batch_
 
 def run_steps(root: Path, name: str, model: Path, probe: Path, steps: list[dict]) -> Path:
     """Write a recipe of ``steps`` under ``root``, run it, and return its run directory."""
-    from surgery.manager import get_manager
-    from surgery.recipe import load_recipe
-    from surgery.runner import run_recipe
+    from plugin_registries import manager
+
+    from surgery.runtime.recipe import load_recipe
+    from surgery.runtime.runner import run_recipe
 
     recipe = write_recipe(root / f"{name}.yaml", model, probe, steps)
-    parsed = load_recipe(recipe, get_manager(), [], str(root / f"run-{name}"))
-    run_recipe(parsed, get_manager(), quiet=True)
+    parsed = load_recipe(recipe, manager(), [], str(root / f"run-{name}"))
+    run_recipe(parsed, manager(), quiet=True)
     return parsed.output
 
 
 def causal_loss(logits_btv: torch.Tensor, batch: dict) -> torch.Tensor:
     """Per-row next-token NLL (the causal-lm objective on unpadded rows)."""
-    from surgery.objectives import get_objective
+    from plugin_registries import get_objective
 
     return get_objective("causal-lm").loss(logits_btv, batch)

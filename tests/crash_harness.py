@@ -28,10 +28,11 @@ from contextlib import contextmanager
 
 
 def serve() -> None:
-    import surgery.cli  # noqa: F401  (the heavy imports happen here, once)
-    from surgery.manager import get_manager
+    from plugin_registries import manager
 
-    get_manager()
+    import surgery.cli  # noqa: F401  (the heavy imports happen here, once)
+
+    manager()
     print("ready", flush=True)
     for line in sys.stdin:
         request = json.loads(line)
@@ -73,8 +74,9 @@ def _child(request: dict) -> None:
 
 def install_kill(stage: str, at: str, after: int, desc: str = "") -> None:
     """Patch the core so that this process kills itself inside the first step of ``stage``."""
-    from surgery import io, runner
-    from surgery.context import StepContext
+    from surgery.core import io
+    from surgery.runtime import runner
+    from surgery.runtime.context import StepContext
 
     state = {"stage": None, "count": 0}
     compute = runner.Run._compute

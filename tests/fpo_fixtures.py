@@ -9,7 +9,7 @@ import torch
 def tiny_causal_lm(seed: int = 0, layers: int = 2, hidden: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from surgery.zoo.tokenizer import VOCAB
+    from surgery.models.zoo.tokenizer import VOCAB
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -20,7 +20,7 @@ def tiny_causal_lm(seed: int = 0, layers: int = 2, hidden: int = 32):
 
 def save_tiny(directory: Path, seed: int = 0, **kwargs) -> Path:
     """A tiny Llama plus the zoo tokenizer, saved so stock ``from_pretrained`` loads both."""
-    from surgery.zoo.tokenizer import build_tokenizer
+    from surgery.models.zoo.tokenizer import build_tokenizer
 
     tiny_causal_lm(seed, **kwargs).save_pretrained(directory)
     build_tokenizer().save_pretrained(directory)

@@ -10,14 +10,14 @@ SIZE = {"hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "vision_hidden": 1
 
 
 def tokenizer():
-    from surgery.zoo.tokenizer import build_tokenizer
+    from surgery.models.zoo.tokenizer import build_tokenizer
 
     return build_tokenizer()
 
 
 def build(arch: str, seed: int) -> torch.nn.Module:
     """A randomly initialised zoo-shaped model (deterministic in ``seed``), in eval mode."""
-    from surgery.zoo.architectures import build_model
+    from surgery.models.zoo.architectures import build_model
 
     torch.manual_seed(seed)
     return build_model(arch, SIZE).eval()
@@ -39,7 +39,7 @@ def perturbed(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.n
 
 
 def probe_file(path: Path, n: int = 24, seed: int = 0) -> Path:
-    from surgery.zoo.tasks import make_examples
+    from surgery.models.zoo.tasks import make_examples
 
     lines = [json.dumps({"text": ex["text"]}) for ex in make_examples("synthetic-mix", n, seed=seed)]
     path.write_text("\n".join(lines) + "\n")
@@ -49,9 +49,9 @@ def probe_file(path: Path, n: int = 24, seed: int = 0) -> Path:
 def run_steps(tmp_path: Path, models: dict[str, Path], steps: list[dict], data: Path | None = None,
               seed: int = 0, max_tokens: int = 32, batch_size: int = 8) -> Path:
     """Run a recipe given as data (probe set ``data`` as ``probe``); return the run directory."""
-    from surgery.manager import Manager
-    from surgery.recipe import validate
-    from surgery.runner import run_recipe
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import validate
+    from surgery.runtime.runner import run_recipe
 
     raw = {"name": "t", "seed": seed, "models": {k: str(v) for k, v in models.items()}, "steps": steps,
            "output": str(tmp_path / "run")}

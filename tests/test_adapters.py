@@ -12,11 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from surgery.adapters import envoy_at, module_at, neuron_slices, out_proj_head_axis, view
-from surgery.capture import capture, head_outputs, mlp_activations, mlp_inputs, mlp_outputs, residual
-from surgery.errors import ModelError
+from plugin_registries import view
 from tiny_models import CASES, build, make_batch, model_inputs
+
+from surgery.core.errors import ModelError
+from surgery.engines.capture import capture, head_outputs, mlp_activations, mlp_inputs, mlp_outputs, residual
+from surgery.models.adapters import envoy_at, module_at, neuron_slices, out_proj_head_axis
 
 
 def ids(case):

@@ -12,16 +12,16 @@ import json
 
 import pytest
 import torch
-
-from surgery.adapters import module_at, view
-from surgery.capture import (
-    Capture, Site, Stats, Stream, capture, fold, mlp_activations, mlp_write_projection, sketch_basis,
-    sketch_correlation,
-)
-from surgery.errors import NumericError
-from surgery.io import read_tensors, write_tensors
-from surgery.plugins.objectives import CausalLM
+from plugin_registries import view
 from tiny_models import build, make_batch
+
+from surgery.core.errors import NumericError
+from surgery.core.io import read_tensors, write_tensors
+from surgery.engines.capture import (
+    Capture, Site, Stats, Stream, capture, fold, mlp_activations, mlp_write_projection, sketch_basis, sketch_correlation
+)
+from surgery.models.adapters import module_at
+from surgery.plugins.objectives import CausalLM
 
 A, B = Site("a"), Site("b")
 STREAMS = (Stream("a", A, absolute=True, sketch=True, cross=("b",)), Stream("b", B, sketch=True),
@@ -235,13 +235,13 @@ def test_non_finite_statistics_and_bad_plans_are_reported(llama):
 def test_mean_plugin_from_a_recipe_equals_a_hand_computation(tmp_path, weighting):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from surgery.artifacts import Artifact
-    from surgery.data import batches as make_batches
-    from surgery.manager import Manager
+    from surgery.core.artifacts import Artifact
+    from surgery.models.data import batches as make_batches
+    from surgery.models.zoo.tokenizer import VOCAB, build_tokenizer
     from surgery.plugins.tlinp import tlinp_weights
-    from surgery.recipe import validate
-    from surgery.runner import run_recipe
-    from surgery.zoo.tokenizer import VOCAB, build_tokenizer
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import validate
+    from surgery.runtime.runner import run_recipe
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from plugin_registries import registries
 
 
 @pytest.mark.parametrize("template", ["merge", "attribute"])
@@ -41,9 +42,9 @@ def test_bidirectional_zoo_model_reloads_bidirectional():
     """A LLaDA-style model loaded through the recipe loader attends to later tokens."""
     import torch
 
-    from surgery.models import ModelSpec, load_model
+    from surgery.models.loading import ModelSpec, load_model
 
-    model = load_model("llada", ModelSpec(path="builtin:tiny-llada/base")).module
+    model = load_model("llada", ModelSpec(path="builtin:tiny-llada/base"), registries()).module
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
     changed = ids.clone()
     changed[0, -1] = 9

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgery.manager import Manager
+from surgery.runtime.manager import Manager
 
 RECIPE = """
 name: core
@@ -26,8 +26,8 @@ output: {out}
 LOCAL_PLUGIN = '''
 """A third-party fuse method: keep the base model's tensors."""
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.options import Options
+from surgery.core.artifacts import Artifact
+from surgery.core.options import Options
 
 PLUGIN_NAME = "keep-base"
 CALLS = []
@@ -46,7 +46,7 @@ def option_schema(stage):
 def fuse(ctx):
     CALLS.append(ctx.name)
     writer = ctx.model_writer(like=ctx.models[0])
-    from surgery.checkpoint import CheckpointReader
+    from surgery.models.checkpoint import CheckpointReader
     reader = CheckpointReader(ctx.model_path(ctx.models[0]))
     for name in reader.names():
         writer.add(name, reader.get(name))

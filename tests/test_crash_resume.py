@@ -116,7 +116,7 @@ def crashes(tmp_path_factory):
     then the run that finishes; snapshots of the run directory after each."""
     from merge_fixtures import build, perturbed, save
 
-    from surgery.zoo.tasks import make_examples
+    from surgery.models.zoo.tasks import make_examples
 
     server = Server()
     try:

@@ -7,23 +7,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from plugin_registries import manager, registries
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from surgery.data import (
-    DATA_SOURCES, DataSpec, batches, load_examples, parse_data_spec, split_preference,
-)
-from surgery.errors import DataError
-from surgery.manager import get_manager
+from surgery.core.errors import DataError
+from surgery.models.data import DataSpec, batches, load_examples, parse_data_spec, split_preference
 
 WORDS = "the cat sat on a mat dog ran far away q : = yes no red blue".split()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def plugins():
-    get_manager()  # registers the built-in sources exactly as installed plugins do
-    assert {"jsonl", "preference", "stdlib-text", "image-text"} <= set(DATA_SOURCES)
+    manager()  # registers the built-in sources exactly as installed plugins do
+    assert {"jsonl", "preference", "stdlib-text", "image-text"} <= set(registries().data_sources)
 
 
 def word_tokenizer(bos_eos: bool = False, pad: bool = True) -> PreTrainedTokenizerFast:
@@ -47,13 +45,13 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 
 
 def load(tmp_path: Path, seed: int = 0, **entry) -> list[dict]:
-    return load_examples(parse_data_spec(entry, tmp_path), seed, tmp_path)
+    return load_examples(parse_data_spec(entry, registries().data_sources, tmp_path), seed, registries().data_sources, tmp_path)
 
 
 # --- specs ----------------------------------------------------------------------------------------
 
 def test_spec_strips_builtin_and_validates_source_options(tmp_path):
-    spec = parse_data_spec({"source": "builtin:stdlib-text", "words": 32, "max_samples": 5}, tmp_path)
+    spec = parse_data_spec({"source": "builtin:stdlib-text", "words": 32, "max_samples": 5}, registries().data_sources, tmp_path)
     assert spec.source == "stdlib-text"
     assert spec.options == {"words": 32, "shuffle": True, "part": "all"}
     assert spec.max_samples == 5
@@ -69,21 +67,21 @@ def test_spec_strips_builtin_and_validates_source_options(tmp_path):
 ])
 def test_spec_errors_are_one_line_data_errors(tmp_path, entry, needle):
     with pytest.raises(DataError) as info:
-        parse_data_spec(entry, tmp_path)
+        parse_data_spec(entry, registries().data_sources, tmp_path)
     assert needle in str(info.value) and "\n" not in str(info.value)
 
 
 def test_spec_rejects_bad_common_values(tmp_path):
     with pytest.raises(Exception) as info:  # pydantic's error; the recipe layer names the key
-        parse_data_spec({"source": "jsonl", "batch_size": 0}, tmp_path)
+        parse_data_spec({"source": "jsonl", "batch_size": 0}, registries().data_sources, tmp_path)
     assert "batch_size" in str(info.value)
 
 
 def test_relative_path_resolves_against_base_dir(tmp_path):
     write_lines(tmp_path / "d.jsonl", [json.dumps({"text": "the cat"})])
-    spec = parse_data_spec({"source": "jsonl", "path": "d.jsonl"}, tmp_path)
+    spec = parse_data_spec({"source": "jsonl", "path": "d.jsonl"}, registries().data_sources, tmp_path)
     assert Path(spec.path) == (tmp_path / "d.jsonl").resolve()
-    assert load_examples(DataSpec(source="jsonl", path="d.jsonl"), 0, tmp_path) == [{"text": "the cat"}]
+    assert load_examples(DataSpec(source="jsonl", path="d.jsonl"), 0, registries().data_sources, tmp_path) == [{"text": "the cat"}]
 
 
 # --- jsonl errors name file and line -------------------------------------------------------------
@@ -131,7 +129,7 @@ def test_stdlib_text_chunks_every_topic_in_order():
     from pydoc_data.topics import topics
 
     words = 50
-    examples = load_examples(DataSpec(source="stdlib-text", options={"words": words, "shuffle": False}), 0)
+    examples = load_examples(DataSpec(source="stdlib-text", options={"words": words, "shuffle": False}), 0, registries().data_sources)
     kept = []
     for key in sorted(topics):
         topic_words = topics[key].split()
@@ -144,11 +142,11 @@ def test_stdlib_text_chunks_every_topic_in_order():
 
 def test_stdlib_text_shuffle_is_seeded():
     spec = DataSpec(source="stdlib-text", options={"words": 64})
-    first, again, other = load_examples(spec, 1), load_examples(spec, 1), load_examples(spec, 2)
+    first, again, other = load_examples(spec, 1, registries().data_sources), load_examples(spec, 1, registries().data_sources), load_examples(spec, 2, registries().data_sources)
     assert first == again
     assert first != other and sorted(e["text"] for e in first) == sorted(e["text"] for e in other)
     pinned = DataSpec(source="stdlib-text", options={"words": 64}, seed=1)
-    assert load_examples(pinned, 99) == first  # the spec's own seed wins
+    assert load_examples(pinned, 99, registries().data_sources) == first  # the spec's own seed wins
 
 
 def test_stdlib_text_takes_no_path(tmp_path):
@@ -267,9 +265,9 @@ def test_image_text_refuses_pickled_npy_and_missing_image(tmp_path):
 @pytest.mark.parametrize("task", ["synthetic-mix", "synthetic-image-mix"])
 def test_batches_match_the_zoo_training_encoding(task):
     """The zoo trains on its own encoding; batches of its examples must reproduce it exactly."""
-    from surgery.zoo.encode import encode
-    from surgery.zoo.tasks import make_examples
-    from surgery.zoo.tokenizer import build_tokenizer
+    from surgery.models.zoo.encode import encode
+    from surgery.models.zoo.tasks import make_examples
+    from surgery.models.zoo.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     examples = make_examples(task, 12, seed=3)

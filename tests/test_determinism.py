@@ -6,9 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from merge_fixtures import build, perturbed, probe_file, save
-
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +36,9 @@ RECIPES = {
 
 
 def run(inputs: dict[str, Path], steps: list[dict], output: Path, seed: int) -> dict[str, bytes]:
-    from surgery.manager import Manager
-    from surgery.recipe import validate
-    from surgery.runner import run_recipe
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import validate
+    from surgery.runtime.runner import run_recipe
 
     raw = {"name": "determinism", "seed": seed, "models": {"a": str(inputs["a"]), "b": str(inputs["b"])},
            "data": {"probe": {"source": "jsonl", "path": str(inputs["probe"]), "max_tokens": 32, "batch_size": 4}},

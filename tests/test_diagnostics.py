@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from attribution_fixtures import save_checkpoint, write_probe, write_recipe
-from surgery.diagnostics import compare_scores, cosine_matrix, pearson_matrix, sample_similarity, sign_stats
-from surgery.manager import get_manager
-from surgery.recipe import load_recipe
-from surgery.runner import run_recipe
+from plugin_registries import manager
+
+from surgery.engines.diagnostics import compare_scores, cosine_matrix, pearson_matrix, sample_similarity, sign_stats
+from surgery.runtime.recipe import load_recipe
+from surgery.runtime.runner import run_recipe
 
 
 def test_sign_stats_match_numpy():
@@ -53,8 +53,8 @@ def runs(tmp_path_factory):
         steps = [{"attribute": {"plugin": "ig", "mode": mode, "steps": 8, "keep_per_sample": True}},
                  {"prune": {"plugin": "magnitude", "fraction": 0.25, "save_model": False}}]
         recipe = write_recipe(root / f"{name}.yaml", model, probe, steps, batch_size=2)
-        parsed = load_recipe(recipe, get_manager(), [], str(root / name))
-        run_recipe(parsed, get_manager(), quiet=True)
+        parsed = load_recipe(recipe, manager(), [], str(root / name))
+        run_recipe(parsed, manager(), quiet=True)
         outputs[name] = parsed.output
     return outputs
 

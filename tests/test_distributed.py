@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from merge_fixtures import build, perturbed, probe_file, save
+from safetensors.torch import load_file
 
 CAPTURE_STEPS = [
     {"capture": {"plugin": "mean", "models": ["a", "b"]}},
@@ -85,9 +84,8 @@ def test_two_process_capture_and_ig_equal_one_process(models_and_probe):
 
 
 def test_fuse_of_multi_shard_checkpoints_writes_shards_that_stock_transformers_loads(tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from merge_fixtures import run_steps, tokenizer
+    from transformers import AutoModelForCausalLM
 
     models, inputs = {}, {}
     for name, seed in (("a", 0), ("b", 1)):

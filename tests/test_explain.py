@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from surgery import explain
-from surgery.explain import FeatureRecords, Record
+from surgery.engines import explain
+from surgery.engines.explain import FeatureRecords, Record
 
 
 def test_scaling_matches_the_formula_on_hand_made_activations():
@@ -98,8 +98,9 @@ def test_export_json_round_trips():
 
 def test_explain_and_score_commands_end_to_end(tmp_path, surgery_cli):
     from fpo_fixtures import save_tiny
-    from surgery.sae import SAEConfig, SparseAutoencoder, save_sae
-    from surgery.zoo import make_examples
+
+    from surgery.engines.sae import SAEConfig, SparseAutoencoder, save_sae
+    from surgery.models.zoo import make_examples
 
     model_dir = save_tiny(tmp_path / "model", seed=0)
     torch.manual_seed(0)

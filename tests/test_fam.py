@@ -5,16 +5,17 @@ import json
 
 import pytest
 import torch
+from merge_fixtures import build, logits, perturbed, probe_file, run_steps, save, tokenizer
+from plugin_registries import get_objective, view
 from safetensors.torch import load_file
 
-from merge_fixtures import build, logits, perturbed, probe_file, run_steps, save, tokenizer
-from surgery.adapters import neuron_slices, view, write_directions
-from surgery.data import batches
-from surgery.objectives import get_objective
-from surgery.permute import permute_module_
-from surgery.plugins.fam import capture_model, fai, fuse_neurons, gaussian_mi, kmeans
+from surgery.engines.permute import permute_module_
+from surgery.engines.statistics import gaussian_mi, kmeans
+from surgery.models.adapters import neuron_slices, write_directions
+from surgery.models.data import batches
+from surgery.models.zoo.tasks import make_examples
+from surgery.plugins.fam import capture_model, fai, fuse_neurons
 from surgery.plugins.tlinp import TlinpWeighter, tlinp_weights
-from surgery.zoo.tasks import make_examples
 
 
 def probe_batches(n: int, batch_size: int, max_tokens: int = 32) -> list[dict]:

@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fpo_fixtures import perturbed, save_tiny, tiny_causal_lm
-from surgery import preference as po
 
+from surgery.engines import preference as po
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +92,15 @@ def test_fpo_constraint_uses_the_union_of_both_topk_sets():
 
 
 def _fpo(reference_model, k=8, seed=0):
+    from plugin_registries import view
+
+    from surgery.engines.sae import SAEConfig, SparseAutoencoder, site_path
     from surgery.plugins.fpo import FeatureConstraint
-    from surgery.sae import SAEConfig, SparseAutoencoder, site_path
 
     torch.manual_seed(seed)
     hidden = reference_model.config.hidden_size
     sae = SparseAutoencoder(SAEConfig(d_in=hidden, d_sae=4 * hidden, architecture="topk", k=8))
-    return FeatureConstraint(reference_model, sae, site_path(reference_model, -1), k)
+    return FeatureConstraint(reference_model, sae, site_path(view(reference_model), -1), k)
 
 
 def test_fpo_is_zero_for_identical_models_and_grows_with_drift(reference):
@@ -169,9 +170,9 @@ def test_tdpo_variants():
 # --- the zoo preference source ----------------------------------------------------------------------
 
 def test_zoo_preference_pairs_are_correct_vs_near_miss():
-    from surgery.data import DataSpec
+    from surgery.models.data import DataSpec
+    from surgery.models.zoo.tasks import check_answer
     from surgery.plugins.fpo import load_zoo_preference
-    from surgery.zoo.tasks import check_answer
 
     spec = DataSpec(source="zoo-preference", options={"tasks": "synthetic-mix", "samples": 40, "split": "train"})
     pairs = load_zoo_preference(spec, seed=3)
@@ -186,15 +187,15 @@ def test_zoo_preference_pairs_are_correct_vs_near_miss():
 # --- the tune loop: learning, and exact resume ------------------------------------------------------
 
 def _pairs(n: int = 12) -> list[dict]:
-    from surgery.data import DataSpec
+    from surgery.models.data import DataSpec
     from surgery.plugins.fpo import load_zoo_preference
 
     return load_zoo_preference(DataSpec(source="zoo-preference", options={"tasks": ["copy"], "samples": n, "split": "train"}), 0)
 
 
 def _train(policy, reference, loss, store=None, progress=None, steps=6, constraint=None):
-    from surgery import tuning
-    from surgery.zoo.tokenizer import build_tokenizer
+    from surgery.engines import tuning
+    from surgery.models.zoo.tokenizer import build_tokenizer
 
     settings = tuning.TuneSettings(loss=loss, lr=1e-2, warmup_steps=2, epochs=2, max_steps=steps, batch_size=4,
                                    max_tokens=32, checkpoint_every=2, seed=0)
@@ -215,7 +216,7 @@ def test_every_loss_raises_the_preference_margin(loss, reference):
 
 
 def test_resume_continues_exactly(tmp_path, reference):
-    from surgery import tuning
+    from surgery.engines import tuning
 
     straight = _copy(reference)
     _train(straight, reference, "fpo", constraint=_fpo(reference))
@@ -245,7 +246,7 @@ def test_resume_continues_exactly(tmp_path, reference):
 
 
 def test_optimizer_state_round_trips_without_pickle(reference):
-    from surgery import tuning
+    from surgery.engines import tuning
 
     model = _copy(reference)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -263,13 +264,12 @@ def test_optimizer_state_round_trips_without_pickle(reference):
 
 def test_recipe_sae_then_fpo_tune_runs_and_reloads(tmp_path):
     import yaml
+    from plugin_registries import manager
     from transformers import AutoModelForCausalLM
 
-    from surgery.manager import get_manager
-    from surgery.recipe import load_recipe
-    from surgery.runner import run_recipe
-
-    from surgery.zoo.tasks import make_examples
+    from surgery.models.zoo.tasks import make_examples
+    from surgery.runtime.recipe import load_recipe
+    from surgery.runtime.runner import run_recipe
 
     save_tiny(tmp_path / "base", seed=0)
     probe = tmp_path / "probe.jsonl"
@@ -287,7 +287,7 @@ def test_recipe_sae_then_fpo_tune_runs_and_reloads(tmp_path):
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    report = run_recipe(load_recipe(path, get_manager()), get_manager(), quiet=True)
+    report = run_recipe(load_recipe(path, manager()), manager(), quiet=True)
     tune = report["steps"][1]["figures"]
     assert tune["steps"] == 3 and math.isfinite(tune["drift_kl"])
     assert (tmp_path / "run" / "00-capture-sae" / "sae" / "cfg.json").is_file()
@@ -299,13 +299,13 @@ def test_recipe_sae_then_fpo_tune_runs_and_reloads(tmp_path):
 
 def test_a_tune_step_killed_midway_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     import yaml
+    from plugin_registries import manager
     from safetensors.torch import load_file
 
-    from surgery.context import StepContext
-    from surgery.errors import PluginError
-    from surgery.manager import get_manager
-    from surgery.recipe import load_recipe
-    from surgery.runner import run_recipe
+    from surgery.core.errors import PluginError
+    from surgery.runtime.context import StepContext
+    from surgery.runtime.recipe import load_recipe
+    from surgery.runtime.runner import run_recipe
 
     save_tiny(tmp_path / "base", seed=0)
     recipe = {
@@ -317,7 +317,7 @@ def test_a_tune_step_killed_midway_resumes_from_its_checkpoint(tmp_path, monkeyp
     path.write_text(yaml.safe_dump(recipe))
 
     def run(output: str) -> None:
-        run_recipe(load_recipe(path, get_manager(), output=str(tmp_path / output)), get_manager(), quiet=True)
+        run_recipe(load_recipe(path, manager(), output=str(tmp_path / output)), manager(), quiet=True)
 
     run("straight")
     original = StepContext.progress

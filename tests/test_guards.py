@@ -1,4 +1,4 @@
-"""Numeric guards (surgery.guards) and the degenerate inputs plugins meet: NaN/Inf in weights,
+"""Numeric guards (surgery.core.guards) and the degenerate inputs plugins meet: NaN/Inf in weights,
 activations and artifacts stop a step with the tensor named, or are reported under
 ``on_nonfinite: report``; zero-variance neurons, all-padding batches and empty clusters are handled."""
 from __future__ import annotations
@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from merge_fixtures import build, perturbed, probe_file, run_steps, save
-from surgery import guards, hookimpl
-from surgery.artifacts import Artifact
-from surgery.errors import NumericError
 
-
+from surgery import hookimpl
+from surgery.core import guards
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import NumericError
 
 # --- the guard functions -------------------------------------------------------------------------
 
@@ -71,9 +70,9 @@ class NanScores:
 
 
 def run_nan_scores(tmp_path: Path, checkpoint: Path, mode: str | None):
-    from surgery.manager import Manager
-    from surgery.recipe import validate
-    from surgery.runner import run_recipe
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import validate
+    from surgery.runtime.runner import run_recipe
 
     manager = Manager()
     manager.register(NanScores(), "nan-scores")
@@ -125,9 +124,9 @@ def test_capture_engine_overflow_stops_or_is_reported(tmp_path):
     with pytest.raises(NumericError, match=r"step 0 \(capture: mean\): capture: non-finite 'act/sum' in group '1'"):
         run_steps(tmp_path, {"a": model_dir}, [{"capture": {"plugin": "mean"}}], data=probe)
     assert not (tmp_path / "run").exists()
-    from surgery.manager import Manager
-    from surgery.recipe import validate
-    from surgery.runner import run_recipe
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import validate
+    from surgery.runtime.runner import run_recipe
 
     raw = {"models": {"a": str(model_dir)}, "on_nonfinite": "report", "output": str(tmp_path / "run"),
            "data": {"probe": {"source": "jsonl", "path": str(probe), "max_tokens": 32}},
@@ -179,7 +178,7 @@ def test_fam_on_dead_neurons_and_empty_clusters(tmp_path):
 
 def padded_batches(tokenizer, texts: list[str]) -> tuple[dict, dict]:
     """A batch of ``texts`` and the same batch with an all-padding row and an all-padding twin."""
-    from surgery.data import batches
+    from surgery.models.data import batches
 
     batch = next(batches([{"text": t} for t in texts], tokenizer, len(texts), 32))
     pad = torch.zeros_like(batch["input_ids"][:1]) + tokenizer.pad_token_id
@@ -192,10 +191,9 @@ def padded_batches(tokenizer, texts: list[str]) -> tuple[dict, dict]:
 @pytest.mark.parametrize("weighting", ["uniform", "tlinp"])
 def test_capture_ignores_all_padding_rows_and_batches(weighting):
     from merge_fixtures import tokenizer as zoo_tokenizer
+    from plugin_registries import get_objective, view
 
-    from surgery.adapters import view
-    from surgery.capture import Capture, mlp_activations
-    from surgery.objectives import get_objective
+    from surgery.engines.capture import Capture, mlp_activations
     from surgery.plugins.tlinp import TlinpWeighter
 
     model, tok = build("llama", 0), zoo_tokenizer()
@@ -224,7 +222,7 @@ def test_preference_batches_carry_the_chosen_side_as_plain_sequences():
     text), the same tensors as the ``chosen_`` keys the tune step uses."""
     from merge_fixtures import tokenizer as zoo_tokenizer
 
-    from surgery.data import batches, split_preference
+    from surgery.models.data import batches, split_preference
 
     examples = [{"prompt": "copy: 1 2 = ", "chosen": "1 2", "rejected": "2 1"},
                 {"prompt": "sort: 3 1 = ", "chosen": "1 3", "rejected": "3 1 1"}]

@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 import torch
+from merge_fixtures import build, logits, perturbed, probe_file, run_steps, save
 from safetensors.torch import load_file, save_file
 
-from merge_fixtures import build, logits, perturbed, probe_file, run_steps, save
-from surgery.errors import ModelError, RecipeError
-from surgery.hetero import checkpoint_names, load_map, parse_map, plan_merge
-from surgery.zoo.tasks import IMAGE_TOKENS
-from surgery.zoo.tokenizer import IMAGE, VOCAB
+from surgery.core.errors import ModelError, RecipeError
+from surgery.models.hetero import checkpoint_names, load_map, parse_map, plan_merge
+from surgery.models.zoo.tasks import IMAGE_TOKENS
+from surgery.models.zoo.tokenizer import IMAGE, VOCAB
 
 
 def test_rules_first_match_keep_and_candidates(tmp_path):
@@ -47,7 +47,7 @@ def test_map_errors_are_one_line_and_name_the_tensor():
 @pytest.fixture(scope="module")
 def llava_pair(tmp_path_factory):
     """A tiny LLaVA and a plain Llama "fine-tune" of its language model, saved with the zoo tokenizer."""
-    from surgery.zoo.architectures import language_model_state
+    from surgery.models.zoo.architectures import language_model_state
 
     root = tmp_path_factory.mktemp("hetero")
     llava = build("llava", 0)

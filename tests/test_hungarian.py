@@ -5,11 +5,12 @@ import itertools
 
 import pytest
 import torch
+from merge_fixtures import build, logits, probe_file, run_steps, save, tokenizer
+from plugin_registries import view
 from safetensors.torch import load_file
 
-from merge_fixtures import build, logits, probe_file, run_steps, save, tokenizer
-from surgery.adapters import neuron_slices, view
-from surgery.permute import ensemble_similarity, invert, is_permutation, match, match_ensembles, permute_module_
+from surgery.engines.permute import ensemble_similarity, invert, is_permutation, match, match_ensembles, permute_module_
+from surgery.models.adapters import neuron_slices
 
 
 def test_match_maximises_total_similarity_like_brute_force():
@@ -84,7 +85,7 @@ def test_hungarian_undoes_a_planted_permutation_and_keeps_the_donor_function(tmp
 
 
 def sketch_stats(sketch_kn: torch.Tensor):
-    from surgery.capture import Stats
+    from surgery.engines.capture import Stats
 
     n = sketch_kn.shape[1]
     return Stats({"weight": torch.tensor(1.0), "act/sum": torch.zeros(n), "act/sketch": sketch_kn,

@@ -9,18 +9,19 @@ import math
 
 import pytest
 import torch
-
-from attribution_fixtures import run_steps, causal_loss, save_checkpoint, write_probe, write_recipe
-from surgery.adapters import module_at, view
-from surgery.artifacts import Artifact
-from surgery.errors import RecipeError
-from surgery.gates import gate_gradients, gated_losses, head_sites, neuron_sites
-from surgery.manager import get_manager
-from surgery.plugins.attribution_baselines import ablation, gate_gradient_at_one, shapley
-from surgery.plugins.ig import baseline_values, completeness, ig_joint, ig_per_layer, quadrature
-from surgery.recipe import load_recipe
-from surgery.runner import run_recipe
+from attribution_fixtures import causal_loss, run_steps, save_checkpoint, write_probe, write_recipe
+from plugin_registries import manager, registries, view
 from tiny_models import build, make_batch
+
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import RecipeError
+from surgery.engines.attribution import completeness
+from surgery.engines.gates import gate_gradients, gated_losses, head_sites, neuron_sites
+from surgery.models.adapters import module_at
+from surgery.plugins.attribution_baselines import ablation, gate_gradient_at_one, shapley
+from surgery.plugins.ig import baseline_values, ig_joint, ig_per_layer, quadrature
+from surgery.runtime.recipe import load_recipe
+from surgery.runtime.runner import run_recipe
 
 
 def _batch(arch: str = "llama-gqa", rows: int = 2, tokens: int = 9) -> dict:
@@ -264,10 +265,10 @@ def test_options_are_checked_before_loading(workspace):
     model, probe, root = workspace
     bad = [{"attribute": {"plugin": "ig", "objective": "causal-llm"}}]
     with pytest.raises(RecipeError, match="causal-lm"):
-        load_recipe(write_recipe(root / "bad.yaml", model, probe, bad), get_manager())
+        load_recipe(write_recipe(root / "bad.yaml", model, probe, bad), manager())
     bad = [{"attribute": {"plugin": "ig", "schedule": "per-layer"}}]
     with pytest.raises(RecipeError, match="joint"):
-        load_recipe(write_recipe(root / "bad2.yaml", model, probe, bad), get_manager())
+        load_recipe(write_recipe(root / "bad2.yaml", model, probe, bad), manager())
 
 
 # --- on a trained zoo model -------------------------------------------------------------------
@@ -279,8 +280,8 @@ ZOO_DATA = {"probe": {"source": "synthetic", "tasks": ["copy", "reverse", "sort"
 def _zoo_run(root, name, model, steps, data=ZOO_DATA):
     recipe = root / f"{name}.yaml"
     recipe.write_text(json.dumps({"name": name, "seed": 0, "models": {"base": model}, "data": data, "steps": steps}))
-    parsed = load_recipe(recipe, get_manager(), [], str(root / f"run-{name}"))
-    run_recipe(parsed, get_manager(), quiet=True)
+    parsed = load_recipe(recipe, manager(), [], str(root / f"run-{name}"))
+    run_recipe(parsed, manager(), quiet=True)
     return parsed.output
 
 
@@ -321,7 +322,7 @@ def test_recipes_validate():
             "prune-random-diffusion", "prune-compact", "prune-compact-random", "ig-smollm2",
             "prune-random-smollm2", "ig-smollm2-samples", "ig-samples"]
     for name in mine:
-        recipe = load_recipe(recipes / f"{name}.yaml", get_manager())
+        recipe = load_recipe(recipes / f"{name}.yaml", manager())
         assert recipe.steps
 
 
@@ -329,11 +330,12 @@ def test_recipes_validate():
 
 @pytest.mark.slow
 def test_smollm2_per_layer_completeness_on_deep_layers():
-    from surgery.data import batches
-    from surgery.models import ModelSpec, load_model
-    from surgery.objectives import get_objective
+    from plugin_registries import get_objective
 
-    loaded = load_model("smollm2", ModelSpec(path="builtin:smollm2-135m"))
+    from surgery.models.data import batches
+    from surgery.models.loading import ModelSpec, load_model
+
+    loaded = load_model("smollm2", ModelSpec(path="builtin:smollm2-135m"), registries())
     sites = head_sites(loaded.view)[-3:]  # 9 query heads over 3 KV groups each
     assert [s.units for s in sites] == [9, 9, 9]
     text = [{"text": "The capital of France is Paris, and the capital of Italy is Rome."}]

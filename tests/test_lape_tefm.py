@@ -8,20 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from plugin_registries import view
 from safetensors.torch import load_file
 
-from surgery.adapters import neuron_slices, view
-from surgery.permute import permute_module_
-from surgery.plugins.fam import gaussian_mi
-from surgery.plugins.lape import (
-    PathBatch, PathReader, PathSettings, encode_model, left_pad, path_draws, path_weights, prompt_ids,
-    top_p_pick, unit_write_directions,
+from surgery.engines.paths import (
+    PathBatch, PathReader, PathSettings, encode_model, left_pad, path_draws, path_weights, prompt_ids, top_p_pick,
+    unit_write_directions
 )
+from surgery.engines.permute import match, permute_module_
+from surgery.engines.statistics import gaussian_mi
+from surgery.models.adapters import neuron_slices
 from surgery.plugins.lape_tefm import (
-    FuseOptions, flatness_factor, interference_mask, layer_update, neuron_features, neuron_matrix,
-    set_neuron_matrix_, spectral_clustering, split_task_vector, tefm_terms, tos_matrix,
+    FuseOptions, flatness_factor, interference_mask, layer_update, neuron_features, neuron_matrix, set_neuron_matrix_,
+    spectral_clustering, split_task_vector, tefm_terms, tos_matrix
 )
-from surgery.permute import match
 
 SIZE = {"layers": 2, "hidden": 32, "heads": 4, "kv_heads": 2}
 SETTINGS = PathSettings(paths=4, len_min=3, len_max=7, top_p=0.9, gamma=0.99)
@@ -29,7 +29,7 @@ SETTINGS = PathSettings(paths=4, len_min=3, len_max=7, top_p=0.9, gamma=0.99)
 
 
 def tiny(seed: int = 0, noise: float = 0.0, noise_seed: int = 1) -> torch.nn.Module:
-    from surgery.zoo.architectures import build_model
+    from surgery.models.zoo.architectures import build_model
 
     torch.manual_seed(seed)
     model = build_model("llama", SIZE).eval()
@@ -41,13 +41,13 @@ def tiny(seed: int = 0, noise: float = 0.0, noise_seed: int = 1) -> torch.nn.Mod
 
 
 def tokenizer():
-    from surgery.zoo.tokenizer import build_tokenizer
+    from surgery.models.zoo.tokenizer import build_tokenizer
 
     return build_tokenizer()
 
 
 def prompts(n: int = 5) -> list[list[int]]:
-    from surgery.zoo.tasks import make_examples
+    from surgery.models.zoo.tasks import make_examples
 
     return prompt_ids(tokenizer(), make_examples("synthetic-mix", n, seed=3))
 
@@ -141,7 +141,7 @@ def test_phi_matches_a_per_path_oracle(with_parent):
     v = view(model)
     encoded = encode_model(model, v, probe, SETTINGS, batch_size=3, seed=5, parent=parent, parent_view=v)
     # regenerate the same paths (same draws) to read their tokens
-    from surgery.plugins.lape import sample_paths
+    from surgery.engines.paths import sample_paths
 
     draws = [path_draws(5, x, SETTINGS.paths, SETTINGS.len_min, SETTINGS.len_max) for x in range(3)]
     batch = sample_paths(model, probe, torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]), top_p=SETTINGS.top_p)
@@ -286,7 +286,7 @@ def test_singleton_ensembles_without_mask_or_gradient_term_reduce_to_a_closed_fo
 @pytest.fixture(scope="module")
 def zoo_like(tmp_path_factory) -> Path:
     """A parent, two "fine-tunes" of it, and a prompt/answer probe file."""
-    from surgery.zoo.tasks import make_examples
+    from surgery.models.zoo.tasks import make_examples
 
     root = tmp_path_factory.mktemp("lape")
     for name, noise, seed in (("parent", 0.0, 1), ("a", 0.004, 2), ("b", 0.004, 3)):
@@ -299,9 +299,9 @@ def zoo_like(tmp_path_factory) -> Path:
 
 
 def run(root: Path, out: Path, steps: list[dict]) -> dict:
-    from surgery.manager import Manager
-    from surgery.recipe import validate
-    from surgery.runner import run_recipe
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import validate
+    from surgery.runtime.runner import run_recipe
 
     raw = {"name": "lape", "seed": 0, "models": {m: str(root / m) for m in ("a", "b", "parent")},
            "data": {"probe": {"source": "jsonl", "path": str(root / "probe.jsonl"), "batch_size": 4, "max_tokens": 24}},
@@ -373,7 +373,7 @@ def test_lambda_search_picks_the_grid_point_with_the_least_drift(zoo_like, tmp_p
 
 
 def test_unknown_constrain_plugin_and_missing_capture_are_one_line_errors(zoo_like, tmp_path):
-    from surgery.errors import SurgeryError
+    from surgery.core.errors import SurgeryError
 
     with pytest.raises(SurgeryError, match="lape"):
         run(zoo_like, tmp_path / "nocap", [{"capture": {"plugin": "mean", "models": ["a", "b"]}},

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_checkpoint
 from safetensors.torch import load_file
 
-from surgery.manager import Manager
 from surgery.plugins.merge_baselines import dare_drop, elect_and_mean, ties_combine, trim
-from surgery.recipe import validate
-from surgery.runner import run_recipe
-from conftest import make_checkpoint
+from surgery.runtime.manager import Manager
+from surgery.runtime.recipe import validate
+from surgery.runtime.runner import run_recipe
 
 
 def run_steps(tmp_path: Path, models: dict[str, Path], steps: list[dict], seed: int = 0) -> Path:

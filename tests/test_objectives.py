@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from surgery.errors import DataError, PluginError
-from surgery.objectives import IGNORE_INDEX, Objective, flat_nll, get_objective, token_nll
-from surgery.plugins.objectives import CausalLM, MaskedDiffusion, MaskedLM
+from plugin_registries import get_objective
 from tiny_models import build, make_batch
+
+from surgery.core.errors import DataError, PluginError
+from surgery.models.objectives import IGNORE_INDEX, Objective, flat_nll, token_nll
+from surgery.plugins.objectives import CausalLM, MaskedDiffusion, MaskedLM
 
 MASK_ID = 5
 

@@ -5,23 +5,22 @@ import json
 
 import pytest
 import torch
+from attribution_fixtures import run_steps, save_checkpoint, write_probe
+from plugin_registries import manager, registries, view
+from tiny_models import build, make_batch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from attribution_fixtures import run_steps, save_checkpoint, write_probe
-from surgery.adapters import view
-from surgery.artifacts import Artifact
-from surgery.errors import ModelError, SurgeryError
-from surgery.gates import head_sites, neuron_sites
-from surgery.manager import get_manager
-from surgery.models import ModelSpec, load_model
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import ModelError, SurgeryError
+from surgery.engines.gates import head_sites, neuron_sites
+from surgery.models.loading import ModelSpec, load_model
+from surgery.models.pruned import PrunedLlamaForCausalLM, compact_model
 from surgery.plugins.prune import (
     Units, compactable, depth_ratios, global_plan, magnitude_order, random_order, ranks_of, removed_params,
-    restore_columns, sign_aware_order, zeroed_columns,
+    restore_columns, sign_aware_order, zeroed_columns
 )
-from surgery.pruned import PrunedLlamaForCausalLM, compact_model
-from surgery.recipe import load_recipe
-from surgery.runner import run_recipe
-from tiny_models import build, make_batch
+from surgery.runtime.recipe import load_recipe
+from surgery.runtime.runner import run_recipe
 
 # --- orders on hand-made scores ---------------------------------------------------------------
 
@@ -97,7 +96,7 @@ def test_compactable_keeps_equal_heads_per_kv_group_and_one_head_per_layer():
 
 def _gated_logits(model, units_list, masks, batch):
     """Logits with pruned units gated to 0 (the reference every saved model must reproduce)."""
-    from surgery.gates import gated_losses
+    from surgery.engines.gates import gated_losses
 
     captured = {}
 
@@ -237,7 +236,7 @@ def test_prune_recipes_report_objective_params_curve_and_reload(workspace):
     layerwise = Artifact.load(out / "04-prune-layerwise")
     assert layerwise.tensors["head_mask"].sum(1).tolist() == [2.0, 1.0]
     compact = Artifact.load(out / "02-prune-sign-aware")
-    reloaded = load_model("sa", ModelSpec(path=str(compact.model_dir)))
+    reloaded = load_model("sa", ModelSpec(path=str(compact.model_dir)), registries())
     assert sum(p.numel() for p in reloaded.module.parameters()) == compact.meta["params_after"]
     assert compact.meta["params_before"] - compact.meta["params_after"] == compact.meta["params_removed"]
     again = Artifact.load(out / "05-attribute-ig")  # the pruned model is attributed again, per-layer sizes and all
@@ -283,10 +282,10 @@ def test_zoo_gqa_compact_prune_reloads_with_the_gated_logits(tmp_path):
              {"prune": {"plugin": "magnitude", "fraction": 0.5, "output": "masked", "curve": [], "models": ["base"]}}]
     recipe = tmp_path / "zoo.yaml"
     recipe.write_text(json.dumps({"name": "zoo", "models": {"base": "builtin:tiny-llama-gqa/base"}, "data": data, "steps": steps}))
-    parsed = load_recipe(recipe, get_manager(), [], str(tmp_path / "run"))
-    run_recipe(parsed, get_manager(), quiet=True)
+    parsed = load_recipe(recipe, manager(), [], str(tmp_path / "run"))
+    run_recipe(parsed, manager(), quiet=True)
     compact, masked = Artifact.load(parsed.output / "01-prune-magnitude"), Artifact.load(parsed.output / "02-prune-magnitude")
-    base = load_model("base", parsed.models["base"])
+    base = load_model("base", parsed.models["base"], registries())
     units = _units(base.module)
     batch = make_batch("llama-gqa")
     batch["input_ids"] = batch["input_ids"] % base.module.config.vocab_size
@@ -302,11 +301,11 @@ def test_zoo_gqa_compact_prune_reloads_with_the_gated_logits(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_compact_and_masked_prunes_reload_with_the_gated_logits(tmp_path):
-    from surgery.data import batches
+    from surgery.models.data import batches
 
     # float64: with 30 layers, float32 sums over 6 instead of 9 heads differ from the gated sums by
     # ~4e-5 on logits of size ~20 (rounding order, not a slicing error)
-    loaded = load_model("smollm2", ModelSpec(path="builtin:smollm2-135m"))
+    loaded = load_model("smollm2", ModelSpec(path="builtin:smollm2-135m"), registries())
     model, units = loaded.module.double(), _units(loaded.module)
     mask = units.empty_mask()  # 9 query heads in 3 KV groups of 3 per layer
     mask[0, [0, 3, 6]] = True  # one head of every group: 6 heads left

@@ -9,16 +9,17 @@ import torch
 import transformers as tf
 
 from attribution_fixtures import run_steps, save_checkpoint, tokenizer, write_probe
-from surgery.artifacts import Artifact
-from surgery.embeddings import pool, pooling_mode
-from surgery.errors import RecipeError
-from surgery.io import read_tensors
-from surgery.manager import get_manager
-from surgery.objectives import get_objective, with_reference
+from plugin_registries import get_objective, manager
+from tiny_models import VOCAB, build
+
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import RecipeError
+from surgery.core.io import read_tensors
+from surgery.models.embeddings import pool, pooling_mode
+from surgery.models.objectives import with_reference
 from surgery.plugins.prune import Units, layer_matched_mask, matched_counts
 from surgery.plugins.retrieval import rank_scores
-from surgery.recipe import load_recipe
-from tiny_models import VOCAB, build
+from surgery.runtime.recipe import load_recipe
 
 HEAD_DIM = 8  # tiny models: hidden 32, 4 heads
 
@@ -202,7 +203,7 @@ def test_validate_rejects_an_objective_the_model_cannot_serve_in_one_line(tmp_pa
                         {"attribute": {"plugin": "ig", "models": ["pruned"]}}]}
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))
     with pytest.raises(RecipeError) as error:
-        load_recipe(tmp_path / "r.yaml", get_manager())
+        load_recipe(tmp_path / "r.yaml", manager())
     message = str(error.value)
     assert "\n" not in message and "steps[0].prune.objective: 'causal-lm'" in message and "BertModel" in message
     recipe["steps"] = [{"attribute": {"plugin": "ig", "objective": "embedding-distortion"}},
@@ -210,10 +211,10 @@ def test_validate_rejects_an_objective_the_model_cannot_serve_in_one_line(tmp_pa
                        {"attribute": {"plugin": "wanda", "models": ["pruned"]}}]
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))
     with pytest.raises(RecipeError, match=r"steps\[2\].attribute.objective: 'causal-lm'.*model 'pruned'"):
-        load_recipe(tmp_path / "r.yaml", get_manager())  # a derived model is checked as its origin
+        load_recipe(tmp_path / "r.yaml", manager())  # a derived model is checked as its origin
     recipe["steps"] = recipe["steps"][:2]
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))
-    load_recipe(tmp_path / "r.yaml", get_manager())
+    load_recipe(tmp_path / "r.yaml", manager())
 
 
 def test_masked_lm_validates_on_a_checkpoint_with_an_mlm_head_and_not_on_an_lm_for_embeddings(tmp_path):
@@ -223,11 +224,11 @@ def test_masked_lm_validates_on_a_checkpoint_with_an_mlm_head_and_not_on_an_lm_f
               "data": {"probe": {"source": "jsonl", "path": str(probe)}},
               "steps": [{"attribute": {"plugin": "ig", "objective": "masked-lm"}}]}
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))
-    load_recipe(tmp_path / "r.yaml", get_manager())
+    load_recipe(tmp_path / "r.yaml", manager())
     recipe["steps"][0]["attribute"]["objective"] = "embedding-distortion"
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))
     with pytest.raises(RecipeError, match="BertForMaskedLM"):
-        load_recipe(tmp_path / "r.yaml", get_manager())
+        load_recipe(tmp_path / "r.yaml", manager())
 
 
 def test_retrieval_ranks_by_cosine():

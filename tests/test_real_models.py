@@ -11,10 +11,11 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from plugin_registries import registries
 
-from surgery.data import DataSpec, batches, load_examples
-from surgery.errors import ModelError
-from surgery.models import ModelSpec, load_model
+from surgery.core.errors import ModelError
+from surgery.models.data import DataSpec, batches, load_examples
+from surgery.models.loading import ModelSpec, load_model
 from surgery.plugins import real_models
 
 needs_smollm2 = pytest.mark.skipif(
@@ -48,12 +49,8 @@ def test_missing_gguf_reader_names_the_extra(monkeypatch, tmp_path):
 
 
 def test_both_models_are_registered():
-    from surgery.manager import get_manager
-    from surgery.models import MODELS
-
-    get_manager()
-    assert MODELS.get("smollm2-135m") is real_models.build_smollm2
-    assert MODELS.get("minilm-l6") is real_models.build_minilm
+    assert registries().models.get("smollm2-135m") is real_models.build_smollm2
+    assert registries().models.get("minilm-l6") is real_models.build_minilm
 
 
 # --- fast: the conversion, on a tiny stand-in for the GGUF model --------------------------------
@@ -113,7 +110,7 @@ def test_failed_conversion_leaves_no_checkpoint(monkeypatch, tmp_path):
 @pytest.fixture(scope="session")
 def smollm2():
     """The converted checkpoint loaded through ``builtin:smollm2-135m`` (converted on first use)."""
-    return load_model("smollm2", ModelSpec(path="builtin:smollm2-135m"))
+    return load_model("smollm2", ModelSpec(path="builtin:smollm2-135m"), registries())
 
 
 @pytest.mark.slow
@@ -145,7 +142,7 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
 @pytest.mark.slow
 @needs_smollm2
 def test_smollm2_prefers_real_text_to_shuffled_words(smollm2):
-    examples = load_examples(DataSpec(source="stdlib-text", options={"words": 40}), seed=0)[:6]
+    examples = load_examples(DataSpec(source="stdlib-text", options={"words": 40}), 0, registries().data_sources)[:6]
     rng = random.Random(0)
     shuffled = []
     for ex in examples:
@@ -212,7 +209,7 @@ def _mean_loss(loaded, examples: list[dict]) -> float:
 @pytest.mark.slow
 @needs_minilm
 def test_minilm_embeds_paraphrases_close_together():
-    loaded = load_model("minilm", ModelSpec(path="builtin:minilm-l6"))
+    loaded = load_model("minilm", ModelSpec(path="builtin:minilm-l6"), registries())
     config = loaded.module.config
     assert (config.model_type, config.num_hidden_layers, config.num_attention_heads) == ("bert", 6, 12)
     sentences = ["A man is playing a guitar.", "Someone plays the guitar.", "Stock prices fell sharply today."]

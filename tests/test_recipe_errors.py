@@ -23,7 +23,7 @@ def test_debug_shows_traceback(tmp_path, surgery_cli):
 
 def test_multi_line_messages_are_printed_on_one_line(tmp_path, surgery_cli):
     (tmp_path / "noisy.py").write_text(
-        "from surgery import hookimpl\nfrom surgery.errors import SurgeryError\nPLUGIN_NAME = 'noisy'\n"
+        "from surgery import hookimpl\nfrom surgery.core.errors import SurgeryError\nPLUGIN_NAME = 'noisy'\n"
         "@hookimpl\ndef evaluate(ctx):\n    raise SurgeryError('first line\\n\\n  second line\\n')\n"
     )
     recipe = tmp_path / "r.yaml"

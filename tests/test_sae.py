@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
-
 from fpo_fixtures import tiny_causal_lm
-from surgery.sae import (
-    SAEConfig, SAEError, SAEStats, Site, SparseAutoencoder, TrainConfig, ce_loss_recovered, evaluate_sae,
-    load_sae, save_sae, site_activations, site_path, train_sae,
-)
+from plugin_registries import view
 
+from surgery.engines.sae import (
+    SAEConfig, SAEError, SAEStats, Site, SparseAutoencoder, TrainConfig, ce_loss_recovered, evaluate_sae, load_sae,
+    save_sae, site_activations, site_path, train_sae
+)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_training_on_a_low_rank_stream_explains_it_and_tracks_dead_features():
 
 def test_the_site_is_the_residual_before_the_final_norm(model):
     batch = _batches(1)[0]
-    _, resid = Site(model, site_path(model, -1)).run(batch)
+    _, resid = Site(model, site_path(view(model), -1)).run(batch)
     hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
     assert not torch.allclose(resid, hidden, atol=1e-3)
     assert torch.allclose(model.model.norm(resid), hidden, atol=1e-5)
@@ -162,13 +162,13 @@ def test_the_site_is_the_residual_before_the_final_norm(model):
 
 def test_site_activations_keep_only_real_tokens(model):
     batches = _batches(2)
-    stream = site_activations(Site(model, site_path(model, 0)), lambda: batches)
+    stream = site_activations(Site(model, site_path(view(model), 0)), lambda: batches)
     sizes = [acts.shape for acts in stream()]
     assert sizes == [(int(b["attention_mask"].sum()), model.config.hidden_size) for b in batches]
 
 
 def test_ce_loss_recovered_is_one_for_an_exact_sae_and_zero_for_a_zero_sae(model):
-    site = Site(model, site_path(model, -1))
+    site = Site(model, site_path(view(model), -1))
     hidden = model.config.hidden_size
     exact = ce_loss_recovered(site, _identity_sae(hidden), _batches(2))
     assert exact["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-5)
@@ -184,21 +184,21 @@ def test_ce_loss_recovered_is_one_for_an_exact_sae_and_zero_for_a_zero_sae(model
 
 @pytest.fixture(scope="module")
 def zoo_base():
-    from surgery import zoo
+    from surgery.models import zoo
 
     return zoo.load(zoo.build("tiny-llama/base"))
 
 
 def test_topk_sae_explains_a_zoo_models_residual_stream(zoo_base, tmp_path):
-    from surgery.data import batches
+    from surgery.models.data import batches
+    from surgery.models.zoo import make_examples
     from surgery.plugins.sae import SAEOptions, train_for_model
-    from surgery.zoo import make_examples
 
     model, tokenizer = zoo_base
     train = [{"text": e["text"]} for e in make_examples("synthetic-mix", 384, seed=0, split="train")]
     test = [{"prompt": e["prompt"], "answer": " " + e["answer"]} for e in make_examples("synthetic-mix", 96, seed=1, split="test")]
     options = SAEOptions(layer=-1, architecture="topk", expansion=8, k=16, epochs=6)
-    sae, figures = train_for_model(model, "tiny-llama/base", options, 0, lambda: batches(train, tokenizer, 64, 32),
+    sae, figures = train_for_model(model, view(model), "tiny-llama/base", options, 0, lambda: batches(train, tokenizer, 64, 32),
                                    lambda: batches(test, tokenizer, 64, 32))
     assert figures["explained_variance"] >= 0.9
     assert figures["l0"] <= 16
@@ -211,7 +211,8 @@ def test_topk_sae_explains_a_zoo_models_residual_stream(zoo_base, tmp_path):
 
 def test_train_command_writes_a_loadable_saelens_folder(tmp_path, surgery_cli):
     from fpo_fixtures import save_tiny
-    from surgery.zoo import make_examples
+
+    from surgery.models.zoo import make_examples
 
     model_dir = save_tiny(tmp_path / "model", seed=0)
     data = tmp_path / "probe.jsonl"
@@ -225,15 +226,15 @@ def test_train_command_writes_a_loadable_saelens_folder(tmp_path, surgery_cli):
 
 
 def test_sae_sites_resolve_module_paths_and_transformerlens_resid_hooks(model):
-    from surgery.sae import check_site
+    from surgery.engines.sae import check_site
 
     def with_hook(name: str, layer: int = -1) -> SparseAutoencoder:
         return SparseAutoencoder(SAEConfig(d_in=model.config.hidden_size, d_sae=8, hook_name=name, hook_layer=layer))
 
-    assert check_site(with_hook("model.layers.0"), model) == "model.layers.0"
-    assert check_site(with_hook("blocks.1.hook_resid_post"), model) == "model.layers.1"
-    assert check_site(with_hook("", layer=-1), model) == "model.layers.1"
+    assert check_site(with_hook("model.layers.0"), model, view(model)) == "model.layers.0"
+    assert check_site(with_hook("blocks.1.hook_resid_post"), model, view(model)) == "model.layers.1"
+    assert check_site(with_hook("", layer=-1), model, view(model)) == "model.layers.1"
     with pytest.raises(SAEError, match="hook_mlp_out"):
-        check_site(with_hook("blocks.0.hook_mlp_out"), model)
+        check_site(with_hook("blocks.0.hook_mlp_out"), model, view(model))
     with pytest.raises(SAEError, match="dim"):
-        check_site(SparseAutoencoder(SAEConfig(d_in=7, d_sae=8, hook_name="model.layers.0")), model)
+        check_site(SparseAutoencoder(SAEConfig(d_in=7, d_sae=8, hook_name="model.layers.0")), model, view(model))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from plugin_registries import registries
+
 PACKAGE = Path(__file__).parent.parent / "surgery"
 
 
@@ -47,7 +49,7 @@ def test_no_eval_or_exec():
 def test_remote_code_never_trusted_by_default():
     hits = offending(r"trust_remote_code\s*=\s*True")
     assert hits == []
-    models = (PACKAGE / "models.py").read_text()
+    models = (PACKAGE / "models" / "loading.py").read_text()
     assert "trust_remote_code: bool = False" in models
 
 
@@ -60,7 +62,7 @@ def test_no_shell_commands():
 
 
 def test_tokenizers_get_the_recipe_trust_flag():
-    models = (PACKAGE / "models.py").read_text()
+    models = (PACKAGE / "models" / "loading.py").read_text()
     assert "AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)" in models
     assert "_load_tokenizer(path, spec.trust_remote_code)" in models
 
@@ -73,8 +75,8 @@ def test_remote_code_runs_only_when_the_recipe_trusts_it(tmp_path, monkeypatch):
     unless its spec says trust_remote_code: true, when the file is imported."""
     import pytest
 
-    from surgery.errors import ModelError
-    from surgery.models import ModelSpec, load_model
+    from surgery.core.errors import ModelError
+    from surgery.models.loading import ModelSpec, load_model
 
     checkpoint = tmp_path / "remote-code"
     checkpoint.mkdir()
@@ -84,7 +86,7 @@ def test_remote_code_runs_only_when_the_recipe_trusts_it(tmp_path, monkeypatch):
     work.mkdir()
     monkeypatch.chdir(work)
     with pytest.raises(ModelError, match="custom code.*trust_remote_code: true"):
-        load_model("m", ModelSpec(path=str(checkpoint)))
+        load_model("m", ModelSpec(path=str(checkpoint)), registries())
     assert not (work / "remote-code-ran").exists()
     import sys
 
@@ -95,7 +97,7 @@ def test_remote_code_runs_only_when_the_recipe_trusts_it(tmp_path, monkeypatch):
     before = set(sys.modules)
     try:
         with pytest.raises(ModelError):  # the code runs, then fails: it defines no real model
-            load_model("m", ModelSpec(path=str(checkpoint), trust_remote_code=True))
+            load_model("m", ModelSpec(path=str(checkpoint), trust_remote_code=True), registries())
     finally:
         for name in set(sys.modules) - before:
             if name.startswith("transformers_modules"):

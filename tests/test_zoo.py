@@ -6,20 +6,21 @@ import time
 
 import pytest
 import torch
+from plugin_registries import registries
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from surgery import zoo
-from surgery.errors import DataError, ModelError
-from surgery.zoo import catalog
-from surgery.zoo.architectures import build_model, language_model_state, load_language_model
-from surgery.zoo.build import EVAL_EXAMPLES, EVAL_SEED
-from surgery.zoo.encode import answer_logits, encode, model_inputs
-from surgery.zoo.train import one_thread, train
-from surgery.zoo.tasks import (
-    IMAGE_TASKS, IMAGE_TOKENS, TASKS, TEXT_TASKS, accuracy, check_answer, make_examples, resolve_tasks,
+from surgery.core.errors import DataError, ModelError
+from surgery.models import zoo
+from surgery.models.zoo import catalog
+from surgery.models.zoo.architectures import build_model, language_model_state, load_language_model
+from surgery.models.zoo.build import EVAL_EXAMPLES, EVAL_SEED
+from surgery.models.zoo.encode import answer_logits, encode, model_inputs
+from surgery.models.zoo.tasks import (
+    IMAGE_TASKS, IMAGE_TOKENS, TASKS, TEXT_TASKS, accuracy, check_answer, make_examples, resolve_tasks
 )
-from surgery.zoo.tokenizer import VOCAB, build_tokenizer
+from surgery.models.zoo.tokenizer import VOCAB, build_tokenizer
+from surgery.models.zoo.train import one_thread, train
 
 # --- tokenizer -------------------------------------------------------------------------------------
 
@@ -213,23 +214,23 @@ def test_cache_respects_environment(monkeypatch, tmp_path):
 
 
 def test_synthetic_sources_through_the_data_registry():
-    from surgery.data import load_examples, parse_data_spec
+    from surgery.models.data import load_examples, parse_data_spec
 
-    spec = parse_data_spec({"source": "builtin:synthetic-mix", "max_samples": 10})
-    examples = load_examples(spec, seed=5)
+    spec = parse_data_spec({"source": "builtin:synthetic-mix", "max_samples": 10}, registries().data_sources)
+    examples = load_examples(spec, 5, registries().data_sources)
     assert [e["text"] for e in examples] == [e["text"] for e in make_examples("synthetic-mix", 10, seed=5)]
-    images = load_examples(parse_data_spec({"source": "synthetic", "tasks": ["shape"], "n": 3}), seed=0)
+    images = load_examples(parse_data_spec({"source": "synthetic", "tasks": ["shape"], "n": 3}, registries().data_sources), 0, registries().data_sources)
     assert len(images) == 3 and images[0]["pixel_values"].shape == (3, 16, 16)
     with pytest.raises(DataError, match="split"):
-        parse_data_spec({"source": "synthetic", "split": "dev"})
+        parse_data_spec({"source": "synthetic", "split": "dev"}, registries().data_sources)
     with pytest.raises(DataError, match="did you mean 'reverse'"):
-        parse_data_spec({"source": "synthetic", "tasks": ["copy", "revers"]})
+        parse_data_spec({"source": "synthetic", "tasks": ["copy", "revers"]}, registries().data_sources)
 
 
 def test_evaluate_tasks_step_reports_each_models_accuracy(quick_entry, tmp_path):
-    from surgery.manager import Manager
-    from surgery.recipe import validate
-    from surgery.runner import run_recipe
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import validate
+    from surgery.runtime.runner import run_recipe
 
     path = zoo.build("test-zoo/quick", cache_dir=tmp_path / "cache")
     raw = {"name": "t", "seed": 0, "models": {"quick": str(path)}, "output": str(tmp_path / "run"),
@@ -242,9 +243,9 @@ def test_evaluate_tasks_step_reports_each_models_accuracy(quick_entry, tmp_path)
 
 
 def test_evaluate_tasks_rejects_unknown_tasks_before_loading(tmp_path):
-    from surgery.errors import SurgeryError
-    from surgery.manager import Manager
-    from surgery.recipe import validate
+    from surgery.core.errors import SurgeryError
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import validate
 
     raw = {"name": "t", "models": {"m": "builtin:tiny-llama/base"}, "output": str(tmp_path / "run"),
            "steps": [{"evaluate": {"plugin": "tasks", "tasks": ["sortt"]}}]}

@@ -1,6 +1,6 @@
 """Baseline head attributions behind the ``attribute`` stage: ``grad-x-act``, ``ablation``, ``shapley``.
 
-All three gate the same sites as ``ig`` (:mod:`surgery.gates`) and, where a sign exists, keep its
+All three gate the same sites as ``ig`` (:mod:`surgery.engines.gates`) and, where a sign exists, keep its
 convention (negative = the unit lowers the loss):
 
 - ``grad-x-act`` (Michel et al. 2019): ``I_{l,h} = mean_x |dL(x)/dalpha_{l,h}|`` at alpha = 1 (the
@@ -27,14 +27,13 @@ import torch
 from pydantic import Field
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.errors import DataError
-from surgery.gates import GateSite, LossFn, evaluate_points
-from surgery.plugins.ig import (
-    Attribution, AttributeOptions, attribution_artifact, completeness, loss_function, points_per_chunk,
-    prepared_batches, sites_for,
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import DataError
+from surgery.engines.attribution import (
+    AttributeOptions, Attribution, attribution_artifact, completeness, loss_function, points_per_chunk,
+    prepared_batches, sites_for
 )
-
+from surgery.engines.gates import GateSite, LossFn, evaluate_points
 
 # --- grad-x-act -------------------------------------------------------------------------------
 

@@ -24,9 +24,10 @@ import torch
 from pydantic import Field
 
 from surgery import hookimpl
-from surgery.data import DataSpec, read_jsonl, require_path, string_field
-from surgery.errors import DataError
-from surgery.options import Options
+from surgery.core.errors import DataError
+from surgery.core.options import Options
+from surgery.models.data import DataSpec, read_jsonl, require_path, string_field
+from surgery.models.stdlib_text import stdlib_passages
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
@@ -85,38 +86,6 @@ def load_stdlib_text(spec: DataSpec, seed: int) -> list[dict]:
     if spec.options["shuffle"]:
         random.Random(seed).shuffle(passages)
     return [{"text": passage} for passage in passages]
-
-
-def stdlib_topics(part: str = "all") -> list[tuple[str, str]]:
-    """``(name, text)`` of the documentation topics in sorted order: all, the even (``a``) or odd (``b``) ones.
-    In a half, a topic whose text repeats an earlier one's (``if`` and ``else``) is left out."""
-    from pydoc_data.topics import topics
-
-    keys = sorted(topics)
-    if part != "all":
-        seen: set[str] = set()
-        keys = [key for key in keys if not (topics[key] in seen or seen.add(topics[key]))]
-        keys = keys[0 if part == "a" else 1::2]
-    return [(key, topics[key]) for key in keys]
-
-
-def stdlib_passages(words_per_passage: int, part: str = "all") -> list[str]:
-    """Passages of ``words_per_passage`` words from each documentation topic, in topic order.
-
-    A topic's last, shorter passage is kept when it has at least half the words. Part ``b`` leaves
-    out the few passages that also occur word for word in part ``a`` (topics share some paragraphs).
-    """
-    passages = []
-    for _, text in stdlib_topics(part):
-        words = text.split()
-        for start in range(0, len(words), words_per_passage):
-            chunk = words[start:start + words_per_passage]
-            if len(chunk) * 2 >= words_per_passage:
-                passages.append(" ".join(chunk))
-    if part == "b":
-        other = set(stdlib_passages(words_per_passage, "a"))
-        passages = [p for p in passages if p not in other]
-    return passages
 
 
 # --- image-text -------------------------------------------------------------------------------

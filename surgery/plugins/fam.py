@@ -4,7 +4,7 @@ Stages, for MLP neurons i of every layer (a_i = channel i of the down projection
 write direction, x / y the MLP's input / output, w_t the token weights of the recipe's ``weight``
 step, plain mean by default, TLINP with ``- weight: {plugin: tlinp}``):
 
-- ``capture``  streamed over the probe set with :mod:`surgery.capture` (memory independent of the
+- ``capture``  streamed over the probe set with :mod:`surgery.engines.capture` (memory independent of the
   number of tokens): weighted sums of a_i, |a_i|, a_i^2, x, y, s_i = <y, d_i/|d_i|>, s_i^2, a_i s_i,
   the diagonal Fisher sum of w_t (dL/da_i)^2 (a backward pass of the ``objective``, causal-LM by
   default, L = sum over rows of the row-mean NLL) and a random-projection sketch of a_i over the
@@ -19,29 +19,25 @@ step, plain mean by default, TLINP with ``- weight: {plugin: tlinp}``):
   identity without one): ``W*_i = sum_m s_m W_m,pi_m(i) / sum_m s_m`` (s = FAI; base included) on
   the gate/up rows and down columns; every other tensor is ``(1 - blend) W_base + blend mean(W_donors)``
   with ``blend`` per tensor class, or kept from the base (``keep: [norms, ...]``). Heterogeneous
-  pairs pair tensors through ``map:`` (:mod:`surgery.hetero`).
+  pairs pair tensors through ``map:`` (:mod:`surgery.models.hetero`).
 
 Deviations from the seeds are in docs/methods/fam.md.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import Field
 
 from surgery import hookimpl
-from surgery.adapters import ModelView, neuron_slices
-from surgery.artifacts import Artifact
-from surgery.capture import Capture, Stats, Stream, mlp_activations, mlp_inputs, mlp_outputs, mlp_write_projection
-from surgery.errors import RecipeError, SurgeryError
-from surgery.hetero import checkpoint_names
-from surgery.options import Options
-from surgery.plugins.merge_baselines import MAP_HELP, map_option, stream_merge_named
-
-TensorClass = Literal["mlp", "attention", "norms", "embeddings", "lm_head", "other"]
-RHO_MAX = 1 - 1e-6
-
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import RecipeError, SurgeryError
+from surgery.core.options import Options
+from surgery.engines.capture import (
+    Capture, Stats, Stream, mlp_activations, mlp_inputs, mlp_outputs, mlp_write_projection
+)
+from surgery.engines.merge import MAP_HELP, TensorClass, map_option, stream_merge_named, tensor_classes
+from surgery.engines.statistics import gaussian_mi, kmeans, layer_seed
+from surgery.models.adapters import ModelView
 
 # --- options -----------------------------------------------------------------------------------
 
@@ -121,11 +117,6 @@ def layers_of(artifact: Artifact, model: str, where: str) -> list[str]:
 
 # --- score -------------------------------------------------------------------------------------
 
-def gaussian_mi(rho: torch.Tensor) -> torch.Tensor:
-    """MI of two jointly Gaussian variables with correlation rho: -0.5 log(1 - rho^2)."""
-    rho = rho.clamp(-RHO_MAX, RHO_MAX)
-    return -0.5 * torch.log1p(-rho.square())
-
 
 def fai(stats: Stats, eps: float = 1e-8) -> dict[str, torch.Tensor]:
     """FAI_i = |A_i| * MI_i / (Hess_i + eps) and its three terms, each [intermediate]."""
@@ -143,86 +134,7 @@ def neuron_features(stats: Stats) -> torch.Tensor:
     return torch.nn.functional.normalize(sketch_ki.t().double(), dim=1)
 
 
-def kmeans(features_nf: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 50) -> torch.Tensor:
-    """Spherical k-means (cosine), k-means++ start; int64 labels [n] using every id 0..k-1."""
-    n = features_nf.shape[0]
-    k = min(k, n)
-    centres = _kmeans_pp(features_nf, k, generator)
-    labels = torch.full((n,), -1, dtype=torch.long)
-    for _ in range(iterations):
-        new = (features_nf @ centres.T).argmax(dim=1)
-        new = _fill_empty(features_nf, centres, new, k)
-        if torch.equal(new, labels):
-            break
-        labels = new
-        for c in range(k):
-            centres[c] = torch.nn.functional.normalize(features_nf[labels == c].sum(0), dim=0)
-    return labels
-
-
-def _kmeans_pp(features_nf: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    n = features_nf.shape[0]
-    chosen = [int(torch.randint(n, (1,), generator=generator))]
-    distance_n = 1 - features_nf @ features_nf[chosen[0]]
-    for _ in range(1, k):
-        p = distance_n.clamp_min(0)
-        p = p / p.sum() if p.sum() > 0 else torch.full_like(p, 1 / n)
-        chosen.append(int(torch.multinomial(p.float(), 1, generator=generator)))
-        distance_n = torch.minimum(distance_n, 1 - features_nf @ features_nf[chosen[-1]])
-    return features_nf[chosen].clone()
-
-
-def _fill_empty(features_nf: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Give every empty cluster the point farthest from its own centre (deterministic)."""
-    labels = labels.clone()
-    for c in range(k):
-        if (labels == c).any():
-            continue
-        fit_n = (features_nf * centres[labels]).sum(1)
-        sizes = torch.bincount(labels, minlength=k)
-        fit_n[sizes[labels] <= 1] = float("inf")  # never empty another cluster
-        labels[int(fit_n.argmin())] = c
-    return labels
-
-
-def layer_seed(seed: int, model_index: int, layer: str) -> int:
-    return (seed * 1_000_003 + model_index * 10_007 + int(layer)) % 2**63
-
-
 # --- fuse --------------------------------------------------------------------------------------
-
-def tensor_classes(module: torch.nn.Module, view: ModelView) -> tuple[dict[str, TensorClass], dict[str, list]]:
-    """(class of every tensor, neuron slices ``[(layer, axis, offset)]`` per tensor), both keyed by
-    checkpoint tensor name."""
-    prefixes: dict[str, TensorClass] = {view.embed: "embeddings"}
-    if view.lm_head:
-        prefixes[view.lm_head] = "lm_head"
-    if view.final_norm:
-        prefixes[view.final_norm] = "norms"
-    slices: dict[str, list] = {}
-    for layer in view.layers:
-        for path in (layer.attn.out_proj, layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj, layer.attn.qkv_proj):
-            if path:
-                prefixes[path] = "attention"
-        for path in layer.norms:
-            prefixes[path] = "norms"
-        for path in (layer.mlp.down, layer.mlp.up, layer.mlp.gate):
-            if path:
-                prefixes[path] = "mlp"
-        for item in neuron_slices(module, layer.mlp):
-            slices.setdefault(item.name, []).append((str(layer.index), item.axis, item.offset))
-    saved_as = checkpoint_names(module)
-    classes = {saved_as[name]: class_of(name, prefixes) for name in saved_as}
-    return classes, {saved_as.get(name, name): value for name, value in slices.items()}
-
-
-def class_of(name: str, prefixes: dict[str, TensorClass]) -> TensorClass:
-    module = name.rpartition(".")[0]
-    while module:
-        if module in prefixes:
-            return prefixes[module]
-        module = module.rpartition(".")[0]
-    return "other"
 
 
 def fuse_neurons(tensors: list[torch.Tensor], scores: list[torch.Tensor], axis: int, offset: int) -> torch.Tensor:

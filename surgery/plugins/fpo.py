@@ -12,7 +12,7 @@ Tensor[B]``, 0 when the policy equals the reference, against the recipe model na
 - ``logit-mse``: mean squared difference of centred logits over the response positions.
 
 ``tune`` plugin ``preference``: DPO, SimPO, TDPO1/2 or FPO on ``{prompt, chosen, rejected}`` data
-(see :mod:`surgery.preference` for the formulas and :mod:`surgery.tuning` for the loop: cached
+(see :mod:`surgery.engines.preference` for the formulas and :mod:`surgery.engines.tuning` for the loop: cached
 reference, atomic checkpoints, exact resume). Intended use: heal a pruned or merged model with the
 pre-surgery model as the reference.
 
@@ -31,13 +31,14 @@ import torch
 from pydantic import Field
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.errors import DataError, RecipeError
-from surgery.options import Options
-from surgery import preference as po
-from surgery.sae import SparseAutoencoder, load_sae, model_inputs
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import DataError, RecipeError
+from surgery.core.options import Options
+from surgery.engines import preference as po
+from surgery.engines.sae import SparseAutoencoder, load_sae, model_inputs
+from surgery.models.adapters import view
 
-Loss = Literal["dpo", "simpo", "tdpo1", "tdpo2", "fpo"]  # = surgery.preference.LOSSES
+Loss = Literal["dpo", "simpo", "tdpo1", "tdpo2", "fpo"]  # = surgery.engines.preference.LOSSES
 
 
 # --- options ---------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ class FeatureConstraint:
     cacheable = True
 
     def __init__(self, reference: torch.nn.Module, sae: SparseAutoencoder, site: str, k: int) -> None:
-        from surgery.sae import Site
+        from surgery.engines.sae import Site
 
         device = next(reference.parameters()).device
         self.sae = sae.to(device).eval().requires_grad_(False)
@@ -139,7 +140,7 @@ class FeatureConstraint:
         return po.fpo_constraint(self.pooled(resid_btd, batch), reference["features"], self.k)
 
     def penalty(self, policy_model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        from surgery.sae import Site
+        from surgery.engines.sae import Site
 
         if self._policy_site is None or self._policy_site.model is not policy_model:
             self._policy_site = Site(policy_model, self.site)  # only the latest: never keeps old models alive
@@ -177,7 +178,7 @@ def resolve_sae(ctx, path: str | None) -> SparseAutoencoder:
         artifact = ctx.upstream("capture")
     except Exception:
         raise RecipeError(f"{ctx.where}.sae: give an SAE folder, or put a `capture: {{plugin: sae}}` step before this one") from None
-    from surgery.plugins.sae import sae_from_artifact
+    from surgery.engines.sae import sae_from_artifact
 
     return sae_from_artifact(artifact, where=ctx.where).to(ctx.device)
 
@@ -193,9 +194,9 @@ class FPO:
     def constrain(self, ctx) -> FeatureConstraint:
         reference = _reference_model(ctx, ctx.options.reference)
         sae = resolve_sae(ctx, ctx.options.sae)
-        from surgery.sae import check_site
+        from surgery.engines.sae import check_site
 
-        site = check_site(sae, reference, where=ctx.where)
+        site = check_site(sae, reference, view(reference, ctx.registries.architectures), where=ctx.where)
         return FeatureConstraint(reference, sae, site, ctx.options.k)
 
 
@@ -241,8 +242,8 @@ class Preference:
 
 def run_tune(ctx) -> Artifact:
     """Load a fresh copy of the policy, train it against the reference, save it, report figures."""
-    from surgery import tuning
-    from surgery.data import example_kind
+    from surgery.engines import tuning
+    from surgery.models.data import example_kind
 
     o = ctx.options
     policy_name = ctx.models[0]
@@ -284,14 +285,14 @@ def run_tune(ctx) -> Artifact:
 
 def _fresh_policy(ctx, name: str) -> tuple[torch.nn.Module, Any]:
     """A trainable copy of model ``name``, loaded anew so the run's shared copy stays untouched."""
-    from surgery.models import ModelSpec, load_model
+    from surgery.models.loading import ModelSpec, load_model
 
     spec = ModelSpec(path=str(ctx.model_path(name))) if name in ctx.run.produced else ctx.run.recipe.models[name]
-    loaded = load_model(name, spec, ctx.device)
+    loaded = load_model(name, spec, ctx.registries, ctx.device)
     if loaded.tokenizer is None:
         raise RecipeError(f"{ctx.where}: model {name!r} has no tokenizer to encode the preference data")
     try:  # zoo models made bidirectional need their switches re-applied after loading
-        from surgery.zoo.architectures import prepare_for_inference
+        from surgery.models.zoo.architectures import prepare_for_inference
 
         prepare_for_inference(loaded.module)
     except ImportError:
@@ -308,8 +309,8 @@ def _loss_constraint(ctx, o: PreferenceOptions, reference_name: str):
 
 
 def _drift_batches(ctx, o: PreferenceOptions, examples: list[dict], tokenizer: Any, settings) -> list[dict]:
-    from surgery import tuning
-    from surgery.data import batches
+    from surgery.engines import tuning
+    from surgery.models.data import batches
 
     if o.drift_data is not None:
         return list(ctx.batches(tokenizer, data=o.drift_data))
@@ -319,7 +320,7 @@ def _drift_batches(ctx, o: PreferenceOptions, examples: list[dict], tokenizer: A
 @torch.no_grad()
 def _feature_drift(ctx, o: PreferenceOptions, reference_name: str, policy, examples, tokenizer, settings) -> float | None:
     """Mean FPO constraint of the chosen responses, whatever the loss, when an SAE is at hand."""
-    from surgery.data import batches, split_preference
+    from surgery.models.data import batches, split_preference
 
     if o.sae is None and not _has_upstream_sae(ctx):
         return None
@@ -354,7 +355,7 @@ def _resume_key(ctx) -> str:
 def load_zoo_preference(spec, seed: int) -> list[dict]:
     """Pairs ``{prompt, chosen, rejected}``: the zoo answer against a near miss of it (responses
 start with a space, the separator the zoo's whitespace tokenizer needs after the prompt)."""
-    from surgery.zoo.tasks import make_examples, resolve_tasks
+    from surgery.models.zoo.tasks import make_examples, resolve_tasks
 
     if spec.path is not None:
         raise DataError("source 'zoo-preference' takes no 'path'")
@@ -374,7 +375,7 @@ start with a space, the separator the zoo's whitespace tokenizer needs after the
 
 def near_miss(answer: str, task: str, rng: random.Random) -> str:
     """``answer`` with one item replaced by a different value of the same kind."""
-    from surgery.zoo.tasks import MODULUS, SEQUENCE_ITEMS
+    from surgery.models.zoo.tasks import MODULUS, SEQUENCE_ITEMS
 
     items = answer.split()
     position = rng.randrange(len(items))

@@ -2,9 +2,9 @@
 
 Per layer, ``C[i, j]`` = correlation of base neuron i and donor neuron j over the same probe tokens,
 approximated by the cosine of their centred activation sketches from the upstream ``capture`` step
-(``surgery.capture``: both models see the same probe rows, so they share the random projection).
+(``surgery.engines.capture``: both models see the same probe rows, so they share the random projection).
 ``perm = argmax_perm sum_i C[i, perm[i]]`` (``scipy.optimize.linear_sum_assignment``); applying
-``perm`` to the donor's gate/up rows and down columns (``surgery.permute``) preserves its function.
+``perm`` to the donor's gate/up rows and down columns (``surgery.engines.permute``) preserves its function.
 When a ``cluster`` step ran, ensembles are matched the same way on the mean member correlation
 (``ensemble_map[k]`` = the donor ensemble matched to base ensemble k). ``identity_bonus`` b adds b
 to ``C[i, i]``, so a neuron is moved only when that gains more than b: for fine-tunes of one parent,
@@ -16,11 +16,11 @@ import torch
 from pydantic import Field
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.capture import Stats, sketch_correlation
-from surgery.errors import SurgeryError
-from surgery.options import Options
-from surgery.permute import match, match_ensembles
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import SurgeryError
+from surgery.core.options import Options
+from surgery.engines.capture import Stats, sketch_correlation
+from surgery.engines.permute import match, match_ensembles
 
 
 class AlignOptions(Options):

@@ -5,7 +5,7 @@ align, fuse) on top of a ``capture: {plugin: lape}`` step (:mod:`surgery.plugins
 Notation: phi_i(x) = [a, g, L] of neuron i on probe input x (``M/l/phi_x`` [X, I, 3]), phi_i = its
 mean over x, A the base (first model), B the donor (second), C the parent (option ``parent``, else
 the upstream capture's parent, else none), E_k ensemble k, W_i neuron i's weight vector (its
-gate/up rows and down column, concatenated; every slice :func:`surgery.adapters.neuron_slices` lists).
+gate/up rows and down column, concatenated; every slice :func:`surgery.models.adapters.neuron_slices` lists).
 
 - ``score``   ``g' = phi[1]``; ``Hess = g'^2 + phi[2] + eps``;
   ``TFI = |g'| MI(phi[0], phi[2]) / (Hess + eps)``, MI the Gaussian MI ``-0.5 log(1 - rho^2)`` of
@@ -45,13 +45,14 @@ import torch
 from pydantic import Field
 
 from surgery import hookimpl
-from surgery.adapters import LayerView, neuron_slices
-from surgery.artifacts import Artifact
-from surgery.errors import ModelError, RecipeError, SurgeryError
-from surgery.options import Options
-from surgery.permute import ensemble_similarity, invert, match
-from surgery.plugins.fam import gaussian_mi, kmeans, layer_seed, tensor_classes
-from surgery.plugins.lape import PathSettings, encode_model, probe_spec, prompt_ids
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import ModelError, RecipeError, SurgeryError
+from surgery.core.options import Options
+from surgery.engines.merge import tensor_classes
+from surgery.engines.paths import PathSettings, encode_model, probe_spec, prompt_ids
+from surgery.engines.permute import ensemble_similarity, invert, match
+from surgery.engines.statistics import gaussian_mi, kmeans, layer_seed
+from surgery.models.adapters import LayerView, neuron_slices
 
 TensorClass = Literal["mlp", "attention", "norms", "embeddings", "lm_head", "other"]
 
@@ -490,7 +491,7 @@ def _criterion(ctx, merged: MergedModel, base, parent, captured: Artifact, opts:
     references = [None] if "reference" in opts.search_options else ctx.models
     constraints = [ctx.call("constrain", opts.search, {**opts.search_options, **({"reference": r} if r else {})})
                    for r in references]
-    from surgery.data import batches as make_batches
+    from surgery.models.data import batches as make_batches
 
     spec_tokens = probe_spec(ctx).max_tokens
     probe = list(make_batches(examples, base.tokenizer, 8, spec_tokens))

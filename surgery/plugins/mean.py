@@ -16,10 +16,10 @@ from __future__ import annotations
 from pydantic import Field
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.capture import Capture, mlp_activations, number_rows
-from surgery.errors import RecipeError
-from surgery.options import Options
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import RecipeError
+from surgery.core.options import Options
+from surgery.engines.capture import Capture, mlp_activations, number_rows
 
 
 class MeanOptions(Options):

@@ -16,7 +16,7 @@ With task vectors tau_i = W_i - W_base (base = the first model):
                    are drawn from a generator seeded by (recipe seed, tensor name, donor index), so a
                    merge is reproducible and independent of tensor order.
 
-Every plugin takes ``map:`` (see :mod:`surgery.hetero`): for a heterogeneous pair such as a LLaVA
+Every plugin takes ``map:`` (see :mod:`surgery.models.hetero`): for a heterogeneous pair such as a LLaVA
 base and a plain Llama donor, base tensors are paired with donor tensors by declared rules and the
 tensors the map keeps (the vision tower) are copied from the base untouched.
 """
@@ -24,24 +24,14 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Callable
 
 import torch
 from pydantic import Field
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.checkpoint import CheckpointReader
-from surgery.errors import RecipeError
-from surgery.hetero import TensorMap, load_map, plan_merge
-from surgery.options import Options
-
-MAP_HELP = "tensor map for a heterogeneous pair: a built-in name (e.g. llava-from-llama), a YAML file, or inline rules"
-
-
-class StreamOptions(Options):
-    max_shard_mb: float | None = Field(256.0, gt=0, description="cap on each output safetensors shard (MiB)")
-    map: str | dict | None = Field(None, description=MAP_HELP)
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import RecipeError
+from surgery.engines.merge import StreamOptions, per_model, stream_merge, stream_merge_named
 
 
 class LinearOptions(StreamOptions):
@@ -51,58 +41,6 @@ class LinearOptions(StreamOptions):
 
 class TaskArithmeticOptions(StreamOptions):
     scale: float | list[float] = Field(1.0, description="lambda per donor (one number for all, or a list)")
-
-
-def stream_merge(ctx, combine: Callable[[list[torch.Tensor]], torch.Tensor], max_shard_mb: float | None,
-                 tensor_map: TensorMap | None = None) -> Artifact:
-    """Apply ``combine`` to each tensor of ``ctx.models`` (float32, base first) and save the result."""
-    return stream_merge_named(ctx, lambda _name, tensors: combine(tensors), max_shard_mb, tensor_map)
-
-
-def stream_merge_named(ctx, combine: Callable[[str, list[torch.Tensor]], torch.Tensor], max_shard_mb: float | None,
-                       tensor_map: TensorMap | None = None) -> Artifact:
-    """Like :func:`stream_merge`, with ``combine(base_tensor_name, tensors)``.
-
-    Base tensors that ``tensor_map`` keeps, and non-float tensors, are copied from the base.
-    """
-    if len(ctx.models) < 2:
-        raise RecipeError(f"{ctx.where}.models: a merge needs at least two models, got {ctx.models}")
-    tensor_map = tensor_map if tensor_map is not None else map_option(ctx)
-    readers = [CheckpointReader(ctx.model_path(name)) for name in ctx.models]
-    base = readers[0]
-    donors = {name: (reader.names(), reader.shape) for name, reader in zip(ctx.models[1:], readers[1:])}
-    plan = plan_merge(base.names(), base.shape, donors, tensor_map)
-    writer = ctx.model_writer(like=ctx.models[0], max_shard_mb=max_shard_mb)
-    merged = kept = 0
-    for name in ctx.progress(base.names(), desc="merging tensors"):
-        first = base.get(name)
-        sources = plan.sources[name]
-        if sources is None or not first.is_floating_point():
-            writer.add(name, first)
-            kept += first.numel()
-            continue
-        tensors = [first.float()] + [r.get(source).float() for r, source in zip(readers[1:], sources)]
-        writer.add(name, combine(name, tensors).to(first.dtype))
-        merged += first.numel()
-        del first, tensors  # free the inputs before the next tensor is read
-    model_dir = writer.close()
-    unused = {donor: len(names) for donor, names in plan.unused.items() if names}
-    meta = {"models": ctx.models, "map": tensor_map.name, "unused_donor_tensors": unused}
-    return Artifact(meta=meta, figures={"merged_params": merged, "kept_params": kept}, model_dir=model_dir)
-
-
-def map_option(ctx) -> TensorMap:
-    """The step's ``map`` option resolved (relative files against the recipe's directory)."""
-    spec = getattr(ctx.options, "map", None)
-    base_dir = getattr(getattr(getattr(ctx, "run", None), "recipe", None), "base_dir", None)
-    return load_map(spec, base_dir)
-
-
-def _per_model(value: float | list[float], count: int, where: str, key: str) -> list[float]:
-    values = [value] * count if isinstance(value, (int, float)) else list(value)
-    if len(values) != count:
-        raise RecipeError(f"{where}.{key}: expected {count} values (one per model), got {len(values)}")
-    return values
 
 
 class Linear:
@@ -115,7 +53,7 @@ class Linear:
     @hookimpl
     def fuse(self, ctx) -> Artifact:
         opts = ctx.options
-        weights = _per_model(opts.weights or 1.0, len(ctx.models), ctx.where, "weights")
+        weights = per_model(opts.weights or 1.0, len(ctx.models), ctx.where, "weights")
         if opts.normalize:
             total = sum(weights)
             if total == 0:
@@ -142,7 +80,7 @@ class TaskArithmetic:
 
     @hookimpl
     def fuse(self, ctx) -> Artifact:
-        scales = _per_model(ctx.options.scale, len(ctx.models) - 1, ctx.where, "scale")
+        scales = per_model(ctx.options.scale, len(ctx.models) - 1, ctx.where, "scale")
 
         def combine(tensors: list[torch.Tensor]) -> torch.Tensor:
             base = tensors[0]

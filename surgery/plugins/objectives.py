@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from surgery import hookimpl
-from surgery.embeddings import HIDDEN, pool, pooling_mode
-from surgery.errors import DataError
-from surgery.gates import model_inputs
-from surgery.objectives import IGNORE_INDEX, default_labels, read_output, row_mean, token_nll
+from surgery.core.errors import DataError
+from surgery.engines.gates import model_inputs
+from surgery.models.embeddings import HIDDEN, pool, pooling_mode
+from surgery.models.objectives import IGNORE_INDEX, default_labels, read_output, row_mean, token_nll
 
 
 @hookimpl

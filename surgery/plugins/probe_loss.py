@@ -16,10 +16,10 @@ import torch
 from pydantic import Field
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.data import batches
-from surgery.objectives import IGNORE_INDEX, token_nll
-from surgery.options import Options
+from surgery.core.artifacts import Artifact
+from surgery.core.options import Options
+from surgery.models.data import batches
+from surgery.models.objectives import IGNORE_INDEX, token_nll
 
 
 class ProbeLossOptions(Options):

@@ -22,9 +22,10 @@ units pruned first come first; a plan prunes the first ``round(fraction * units)
   (``inputs: {prune: STEP}``, else the latest prune step), chosen at random within the layer: the
   control that separates *how many per layer* from *which ones* in a strategy's result.
 
+
 Outputs: ``masked`` (pruned heads' columns of the output projection and pruned neurons'
 down-projection columns zeroed; stock ``from_pretrained`` loads it) or ``compact`` (weights sliced,
-:mod:`surgery.pruned`). For compact GQA layers each KV group loses the same number of query heads
+:mod:`surgery.models.pruned`). For compact GQA layers each KV group loses the same number of query heads
 (the plan's number of pruned heads is filled with "slices", the j-th head of every group of a layer,
 best mean position in the order first) and every layer keeps at least one head and one neuron, so the actual
 fraction can differ a little from the requested one.
@@ -41,15 +42,15 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from surgery import hookimpl
-from surgery.adapters import ModelView, module_at, neuron_slices, out_proj_head_axis
-from surgery.artifacts import Artifact
-from surgery.diagnostics import save_curve
-from surgery.errors import RecipeError, SurgeryError
-from surgery.gates import GateSite, evaluate_points, model_inputs
-from surgery.objectives import read_output
-from surgery.options import Options
-from surgery.plugins.ig import loss_function, points_per_chunk, prepared_batches, sites_for
-from surgery.pruned import compact_model, pruned_view
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import RecipeError, SurgeryError
+from surgery.core.options import Options
+from surgery.engines.attribution import loss_function, points_per_chunk, prepared_batches, sites_for
+from surgery.engines.diagnostics import save_curve
+from surgery.engines.gates import GateSite, evaluate_points, model_inputs
+from surgery.models.adapters import ModelView, module_at, neuron_slices, out_proj_head_axis
+from surgery.models.objectives import read_output
+from surgery.models.pruned import compact_model, pruned_view
 
 Mask = torch.Tensor  # bool [layers, max units], True = pruned
 
@@ -643,8 +644,8 @@ def _keeps(units: Units, mask: Mask) -> tuple[list[list[int]] | None, list[list[
 
 @hookimpl
 def register_architectures(register: Callable[..., None]) -> None:
-    from surgery.plugins.architectures import llama_view
-    from surgery.pruned import PRUNED_TYPES
+    from surgery.models.architectures import llama_view
+    from surgery.models.pruned import PRUNED_TYPES
 
     for model_type in PRUNED_TYPES:
         register(model_type, lambda model, part="language": pruned_view(llama_view(model, part), model.config))

@@ -24,13 +24,13 @@ import torch
 from pydantic import Field
 
 from surgery import hookimpl
-from surgery.adapters import AttentionSite, ParamSlice, envoy_at, module_at, neuron_slices
-from surgery.artifacts import Artifact
-from surgery.diagnostics import save_heatmap, sign_stats
-from surgery.errors import DataError
-from surgery.gates import GateSite, _module_order, _wrapped, model_inputs
-from surgery.objectives import read_output
-from surgery.plugins.ig import AttributeOptions, loss_function, prepared_batches, sites_for
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import DataError
+from surgery.engines.attribution import AttributeOptions, loss_function, prepared_batches, sites_for
+from surgery.engines.diagnostics import save_heatmap, sign_stats
+from surgery.engines.gates import GateSite, _module_order, _wrapped, model_inputs
+from surgery.models.adapters import AttentionSite, envoy_at, module_at, neuron_slices
+from surgery.models.objectives import read_output
 
 
 # --- wanda ------------------------------------------------------------------------------------

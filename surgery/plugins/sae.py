@@ -1,6 +1,6 @@
 """Sparse autoencoders as a recipe step (``capture: {plugin: sae}``) and the ``surgery sae`` commands.
 
-The step trains a TopK or ReLU+L1 SAE (:mod:`surgery.sae`) on the residual stream after block
+The step trains a TopK or ReLU+L1 SAE (:mod:`surgery.engines.sae`) on the residual stream after block
 ``layer`` of the step's first model, streamed over the step's data (preference data: the prompt
 and chosen response), evaluates it (explained
 variance, L0, dead features, CE-loss recovered) and writes it in SAELens' folder format under
@@ -9,7 +9,7 @@ variance, L0, dead features, CE-loss recovered) and writes it in SAELens' folder
 ``tune: {plugin: preference, loss: fpo}``) find it without a path.
 
 Commands: ``surgery sae train`` (the same, from the command line), ``surgery sae explain`` (top
-activating windows and explainer prompts, :mod:`surgery.explain`) and ``surgery sae
+activating windows and explainer prompts, :mod:`surgery.engines.explain`) and ``surgery sae
 score-explanation`` (Pearson correlation of simulated vs true activations).
 """
 from __future__ import annotations
@@ -23,16 +23,15 @@ import torch
 from pydantic import Field
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.errors import RecipeError
-from surgery.options import Options
-from surgery.sae import (
-    SAEConfig, SAEError, SparseAutoencoder, Site, TrainConfig, ce_loss_recovered, evaluate_sae, layer_index,
-    save_sae, site_activations, site_path, summary, train_sae,
+from surgery.core.artifacts import Artifact
+from surgery.core.options import Options
+from surgery.engines.sae import (
+    SAEConfig, SAEError, Site, SparseAutoencoder, TrainConfig, ce_loss_recovered, evaluate_sae, layer_index, save_sae,
+    site_activations, site_path, summary, train_sae
 )
+from surgery.models.adapters import ModelView
 
 SAE_FOLDER = "sae"
-WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 class SAEOptions(Options):
@@ -47,13 +46,11 @@ class SAEOptions(Options):
     eval_data: str | None = Field(None, description="recipe data to evaluate on (default: the training data)")
 
 
-def train_for_model(model: torch.nn.Module, model_name: str, options: SAEOptions, seed: int,
+def train_for_model(model: torch.nn.Module, model_view: ModelView, model_name: str, options: SAEOptions, seed: int,
                     train_batches: Callable[[], Iterable[dict]], eval_batches: Callable[[], Iterable[dict]],
                     progress: Callable[..., Iterable] = lambda it, *a, **k: it) -> tuple[SparseAutoencoder, dict[str, Any]]:
     """Train, evaluate and describe an SAE on ``model``'s residual stream after ``options.layer``."""
-    from surgery.adapters import view
-
-    path = site_path(model, options.layer)
+    path = site_path(model_view, options.layer)
     site = Site(model, path)
     stream = site_activations(site, train_batches)
     first = next(iter(stream()), None)
@@ -61,12 +58,12 @@ def train_for_model(model: torch.nn.Module, model_name: str, options: SAEOptions
         raise SAEError("the data gives no tokens to train the SAE on")
     d_in = first.shape[-1]
     cfg = SAEConfig(d_in=d_in, d_sae=options.expansion * d_in, architecture=options.architecture, k=min(options.k, options.expansion * d_in),
-                    l1_coefficient=options.l1_coefficient, hook_name=path, hook_layer=layer_index(model, options.layer),
+                    l1_coefficient=options.l1_coefficient, hook_name=path, hook_layer=layer_index(model_view, options.layer),
                     model_name=model_name)
     train = TrainConfig(epochs=options.epochs, lr=options.lr, minibatch_tokens=options.minibatch_tokens, seed=seed)
     sae, history = train_sae(cfg, stream, train, progress)
     figures: dict[str, Any] = evaluate_sae(sae, site_activations(site, eval_batches)()).figures()
-    if view(model).causal:
+    if model_view.causal:
         figures.update(ce_loss_recovered(site, sae, eval_batches()))
     figures.update(summary(history))
     sae.cfg.extra = {key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in figures.items()}
@@ -76,21 +73,10 @@ def train_for_model(model: torch.nn.Module, model_name: str, options: SAEOptions
 def sequences(batch: dict) -> dict:
     """A batch of plain sequences: the chosen side of a preference batch, else the batch itself."""
     if "chosen_input_ids" in batch:
-        from surgery.data import split_preference
+        from surgery.models.data import split_preference
 
         return split_preference(batch)[0]
     return batch
-
-
-def sae_from_artifact(artifact: Artifact, where: str = "") -> SparseAutoencoder:
-    """The SAE a ``capture: {plugin: sae}`` step produced."""
-    if artifact.meta.get("kind") != "sae":
-        raise RecipeError(f"{where}: the latest capture step did not train an SAE (use `capture: {{plugin: sae}}` or give `sae:`)")
-    cfg = SAEConfig.from_saelens(artifact.meta["cfg"], where=where or "sae artifact")
-    prefix = artifact.meta["prefix"]
-    sae = SparseAutoencoder(cfg)
-    sae.load_state_dict({name: artifact.tensors[prefix + name] for name in WEIGHTS})
-    return sae.eval()
 
 
 class SAEPlugin:
@@ -110,7 +96,7 @@ class SAEPlugin:
         def batches_of(data: str | None) -> Callable[[], Iterable[dict]]:
             return lambda: (sequences(batch) for batch in ctx.batches(loaded.tokenizer, data=data))
 
-        sae, figures = train_for_model(loaded.module, name, o, ctx.seed, batches_of(ctx.step.data), batches_of(eval_data), ctx.progress)
+        sae, figures = train_for_model(loaded.module, loaded.view, name, o, ctx.seed, batches_of(ctx.step.data), batches_of(eval_data), ctx.progress)
         folder = save_sae(sae, ctx.out_dir / SAE_FOLDER)
         prefix = f"{name}/{sae.cfg.hook_layer}/"
         tensors = {prefix + key: value.detach() for key, value in sae.state_dict().items()}
@@ -139,17 +125,23 @@ def _data_options(fn):
     return fn
 
 
-def _load(model_ref: str, device: str):
-    from surgery.models import load_model, parse_model_spec
+def _registries():
+    """The registries of this command's plugin manager."""
+    return click.get_current_context().obj.registries
 
-    return load_model("model", parse_model_spec(model_ref, Path.cwd()), device)
+
+def _load(model_ref: str, device: str):
+    from surgery.models.loading import load_model, parse_model_spec
+
+    registries = _registries()
+    return load_model("model", parse_model_spec(model_ref, Path.cwd(), registries.models), registries, device)
 
 
 def _examples(source: str, data_path: str | None, max_samples: int, max_tokens: int, batch_size: int,
               data_options: tuple[str, ...], seed: int) -> tuple[list[dict], Any]:
     import yaml
 
-    from surgery.data import load_examples, parse_data_spec
+    from surgery.models.data import load_examples, parse_data_spec
 
     raw: dict[str, Any] = {"source": source, "max_samples": max_samples, "max_tokens": max_tokens, "batch_size": batch_size}
     if data_path:
@@ -159,8 +151,9 @@ def _examples(source: str, data_path: str | None, max_samples: int, max_tokens: 
             raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--data-option")
         key, value = item.split("=", 1)
         raw[key] = yaml.safe_load(value)
-    spec = parse_data_spec(raw, Path.cwd())
-    return load_examples(spec, seed), spec
+    sources = _registries().data_sources
+    spec = parse_data_spec(raw, sources, Path.cwd())
+    return load_examples(spec, seed, sources), spec
 
 
 @click.group("sae")
@@ -185,14 +178,14 @@ def train_command(model: str, out_dir: str, layer: int, architecture: str, expan
                   epochs: int, lr: float, seed: int, device: str, source: str, data_path: str | None, max_samples: int,
                   max_tokens: int, batch_size: int, data_options: tuple[str, ...]) -> None:
     """Train an SAE on MODEL's residual stream and save it in SAELens' folder format."""
-    from surgery.data import batches
+    from surgery.models.data import batches
 
     loaded = _load(model, device)
     examples, _ = _examples(source, data_path, max_samples, max_tokens, batch_size, data_options, seed)
     options = SAEOptions(layer=layer, architecture=architecture, expansion=expansion, k=k, l1_coefficient=l1_coefficient,
                          epochs=epochs, lr=lr)
     stream = lambda: batches(examples, loaded.tokenizer, batch_size, max_tokens)  # noqa: E731
-    sae_model, figures = train_for_model(loaded.module, model, options, seed, stream, stream)
+    sae_model, figures = train_for_model(loaded.module, loaded.view, model, options, seed, stream, stream)
     save_sae(sae_model, out_dir)
     for key, value in figures.items():
         click.echo(f"{key:<24} {value:.4g}" if isinstance(value, float) else f"{key:<24} {value}")
@@ -214,15 +207,14 @@ def explain_command(sae_dir: str, model: str, out_dir: str, features: str | None
                     seed: int, device: str, source: str, data_path: str | None, max_samples: int, max_tokens: int,
                     batch_size: int, data_options: tuple[str, ...]) -> None:
     """Export each feature's top-activating windows and its explainer prompt (seed 002's layout)."""
-    from surgery.data import batches
-    from surgery.io import write_json, write_text
-    from surgery.sae import check_site, load_sae
-
-    from surgery import explain
+    from surgery.core.io import write_json, write_text
+    from surgery.engines import explain
+    from surgery.engines.sae import check_site, load_sae
+    from surgery.models.data import batches
 
     loaded = _load(model, device)
     sae_model = load_sae(sae_dir, device)
-    site = Site(loaded.module, check_site(sae_model, loaded.module))
+    site = Site(loaded.module, check_site(sae_model, loaded.module, loaded.view))
     wanted = [int(f) for f in features.split(",")] if features else list(range(sae_model.cfg.d_sae))
     if any(not 0 <= f < sae_model.cfg.d_sae for f in wanted):
         raise click.BadParameter(f"feature ids must be in 0..{sae_model.cfg.d_sae - 1}", param_hint="--features")
@@ -251,8 +243,8 @@ def score_command(export_json: str, simulated: str) -> None:
     SIMULATED holds ``Neuron N`` lines followed by ``<start>`` / ``token<TAB>value`` / ``<end>``
     records, in the export's order.
     """
-    from surgery import explain
-    from surgery.io import read_json
+    from surgery.core.io import read_json
+    from surgery.engines import explain
 
     for path in (export_json, simulated):
         if not Path(path).is_file():

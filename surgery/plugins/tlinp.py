@@ -20,8 +20,8 @@ import torch
 from pydantic import Field
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.options import Options
+from surgery.core.artifacts import Artifact
+from surgery.core.options import Options
 
 
 class TlinpOptions(Options):

@@ -2,7 +2,7 @@
 ``tasks`` evaluate plugin and the ``surgery zoo`` commands.
 
 - models: every zoo entry (``tiny-llama/base``, ``tiny-llama/task-a`` ...) as ``builtin:NAME``,
-  trained on first use and cached (see :mod:`surgery.zoo`).
+  trained on first use and cached (see :mod:`surgery.models.zoo`).
 - data sources ``synthetic`` (option ``tasks``: a task, a mix name or a list), and the shortcuts
   ``synthetic-mix`` (the text tasks) and ``synthetic-image-mix`` (the image tasks, examples carry
   ``pixel_values`` [3, 16, 16]). Options ``n`` (default: the spec's ``max_samples``, else 256) and
@@ -19,16 +19,16 @@ import click
 from pydantic import Field, field_validator
 
 from surgery import hookimpl
-from surgery.artifacts import Artifact
-from surgery.errors import DataError, PluginError
-from surgery.options import Options
+from surgery.core.artifacts import Artifact
+from surgery.core.errors import DataError, PluginError
+from surgery.core.options import Options
 
 DEFAULT_EXAMPLES = 256
 
 
 def _known_tasks(value: Any) -> Any:
     """Reject unknown task names while the recipe is validated, before any model is loaded."""
-    from surgery.zoo.tasks import resolve_tasks
+    from surgery.models.zoo.tasks import resolve_tasks
 
     if value is not None:
         try:
@@ -69,7 +69,7 @@ class TasksOptions(Options):
 
 @hookimpl
 def register_models(register):
-    from surgery import zoo
+    from surgery.models import zoo
 
     for name in zoo.entries():
         register(name, _builder(name))
@@ -89,12 +89,11 @@ def register_commands(cli):
 
 def _builder(name: str):
     def build(cache_dir):
-        from surgery import zoo
+        from surgery.models import zoo
 
         return zoo.build(name, cache_dir)
 
-    from surgery.zoo.architectures import MODEL_CLASSES
-    from surgery.zoo.catalog import get_entry
+    from surgery.models.zoo.catalog import MODEL_CLASSES, get_entry
 
     build.__doc__ = f"Train (first use) or load zoo entry {name!r}; returns its directory."
     build.architecture = MODEL_CLASSES[get_entry(name).arch]  # read by validation, which loads nothing
@@ -103,7 +102,7 @@ def _builder(name: str):
 
 def load_synthetic(spec, seed: int) -> list[dict]:
     """Examples ``{task, prompt, answer, text[, pixel_values]}`` drawn with the data seed."""
-    from surgery.zoo.tasks import make_examples
+    from surgery.models.zoo.tasks import make_examples
 
     if spec.path is not None:
         raise DataError(f"source {spec.source!r} takes no 'path'")
@@ -138,8 +137,8 @@ class Tasks:
 def score_model(module, tokenizer, tasks: list[str] | None, n: int, seed: int, batch_size: int,
                 model_name: str = "model") -> dict[str, float]:
     """Accuracy per task; ``tasks=None`` scores the text tasks, plus the image tasks for a LLaVA."""
-    from surgery.zoo.tasks import IMAGE_TASKS, TEXT_TASKS, accuracy, resolve_tasks
-    from surgery.zoo.tokenizer import TASK_TOKENS
+    from surgery.models.zoo.tasks import IMAGE_TASKS, TEXT_TASKS, accuracy, resolve_tasks
+    from surgery.models.zoo.tokenizer import TASK_TOKENS
 
     takes_images = module.config.model_type == "llava"
     chosen = resolve_tasks(tasks) if tasks else TEXT_TASKS + (IMAGE_TASKS if takes_images else ())
@@ -164,7 +163,7 @@ def zoo_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def zoo_list(as_json: bool) -> None:
     """List zoo entries: parameters, held-out accuracy per task, built or not."""
-    from surgery import zoo
+    from surgery.models import zoo
 
     rows = [zoo.info(name) for name in zoo.entries()]
     if as_json:
@@ -185,7 +184,7 @@ def zoo_build(names: tuple[str, ...], jobs: int | None) -> None:
     """Train and cache zoo entries (all of them when no NAME is given)."""
     import os
 
-    from surgery import zoo
+    from surgery.models import zoo
 
     chosen = list(names) or list(zoo.entries())
     for name in chosen:

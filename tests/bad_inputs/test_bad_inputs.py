@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-import surgery.models
-import surgery.runner
+import surgery.models.loading
+import surgery.runtime.runner
 
 CORPUS = Path(__file__).parent
 CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text(encoding="utf-8"))
@@ -43,7 +43,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def build_model(directory: Path, spec: dict) -> None:
-    from surgery.zoo.tokenizer import build_tokenizer
+    from surgery.models.zoo.tokenizer import build_tokenizer
 
     if "copy" in spec:
         shutil.copytree(directory.parent / spec["copy"], directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns("build.json"))
@@ -57,7 +57,7 @@ def build_model(directory: Path, spec: dict) -> None:
         model = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, ffn_dim=64,
                                          num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32))
     else:
-        from surgery.zoo.architectures import build_model as build_zoo_model
+        from surgery.models.zoo.architectures import build_model as build_zoo_model
 
         model = build_zoo_model(spec["arch"], {**SIZE, **spec.get("size", {})})
     model.save_pretrained(directory)
@@ -116,7 +116,7 @@ def forbid_loading(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded for a case that needs only the recipe")
 
-    for module in (surgery.models, surgery.runner):
+    for module in (surgery.models.loading, surgery.runtime.runner):
         monkeypatch.setattr(module, "load_model", boom)
         monkeypatch.setattr(module, "resolve_path", boom)
 
