@@ -208,7 +208,7 @@ def test_validate_rejects_an_objective_the_model_cannot_serve_in_one_line(tmp_pa
     assert "\n" not in message and "steps[0].prune.objective: 'causal-lm'" in message and "BertModel" in message
     recipe["steps"] = [{"attribute": {"plugin": "ig", "objective": "embedding-distortion"}},
                        {"prune": {"plugin": "random", "objective": "embedding-distortion", "as": "pruned"}},
-                       {"attribute": {"plugin": "wanda", "models": ["pruned"]}}]
+                       {"attribute": {"plugin": "taylor", "models": ["pruned"]}}]
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))
     with pytest.raises(RecipeError, match=r"steps\[2\].attribute.objective: 'causal-lm'.*model 'pruned'"):
         load_recipe(tmp_path / "r.yaml", manager())  # a derived model is checked as its origin
@@ -237,3 +237,35 @@ def test_retrieval_ranks_by_cosine():
     swapped = queries[[1, 0, 2, 3]]
     scores = rank_scores(queries, swapped)
     assert scores["recall@1"] == 0.5 and scores["mrr"] == pytest.approx((0.5 + 0.5 + 1 + 1) / 4)
+
+
+def test_weight_magnitude_is_the_l1_norm_of_each_units_input_columns(llama):
+    root, model_dir, probe = llama
+    run = run_steps(root, "weight-magnitude", model_dir, probe, [{"attribute": {"plugin": "weight-magnitude"}}])
+    model = tf.LlamaForCausalLM.from_pretrained(model_dir)
+    for l, layer in enumerate(model.model.layers):
+        expected = layer.self_attn.o_proj.weight.double().abs().view(32, 4, HEAD_DIM).sum((0, 2))
+        assert torch.allclose(scores_of(run, "00-")[l, :4], expected, rtol=1e-5)
+
+
+def test_embedding_contrastive_is_symmetric_in_batch_infonce_within_each_copy(tmp_path):
+    from surgery.engines.gates import repeat_rows
+
+    objective = get_objective("embedding-contrastive")
+    hidden = torch.randn(6, 5, 8, generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": torch.zeros(6, 5, dtype=torch.long), "attention_mask": torch.ones(6, 5, dtype=torch.long)}
+    batch["attention_mask"][3, 3:] = 0
+    prepared = {**objective.prepare(batch, torch.Generator()), "pooling": "mean"}
+    loss = objective.loss(hidden, prepared)
+    e = torch.nn.functional.normalize(pool(hidden, batch["attention_mask"], "mean"), dim=-1)
+    q, d = e[0::2], e[1::2]
+    for k in range(3):
+        scores_q = torch.stack([q[k] @ d[j] for j in range(3)]) / 0.05
+        scores_d = torch.stack([q[j] @ d[k] for j in range(3)]) / 0.05
+        assert loss[2 * k] == pytest.approx(float(-scores_q.log_softmax(0)[k]), rel=1e-5)
+        assert loss[2 * k + 1] == pytest.approx(float(-scores_d.log_softmax(0)[k]), rel=1e-5)
+    # three copies of the batch (as gate points are laid out) are contrasted within their copy
+    repeated = repeat_rows(prepared, 3)
+    assert torch.allclose(objective.loss(hidden.repeat(3, 1, 1), repeated), loss.repeat(3), atol=1e-6)
+    with pytest.raises(Exception, match="row pairs"):
+        objective.prepare({k: v[:5] for k, v in batch.items()}, torch.Generator())

@@ -16,6 +16,12 @@
   unmodified model's, pooled as the checkpoint implies (:func:`surgery.embeddings.pooling_mode`;
   mean over real tokens for MiniLM). 0 when nothing changed; reads ``last_hidden_state``.
 
+- ``embedding-contrastive``: the in-batch contrastive loss sentence-transformers models are trained
+  with (MultipleNegativesRankingLoss, symmetric): rows come in (query, document) pairs, rows 2k and
+  2k+1 (data source ``stdlib-pairs``); with ``s_kj = cos(q_k, d_j) / temperature`` (0.05) a query
+  row's loss is ``-log softmax_j(s_kj)[k]`` and a document row's ``-log softmax_j(s_jk)[k]``. Rows of
+  one batch repeated for several gate settings (point-major) are contrasted within their own copy.
+
 The mask token id comes from ``batch["mask_token_id"]`` (data loaders set it from the tokenizer);
 an objective built with ``MaskedLM(mask_token_id=...)`` uses its own id when the batch has none.
 ``prepare`` also records ``mask_ratio`` ``[B]`` and ``num_tokens`` ``[B]`` (masked-diffusion).
@@ -41,6 +47,7 @@ def register_objectives(register: Callable[..., None]) -> None:
     register("masked-lm", MaskedLM())
     register("masked-diffusion", MaskedDiffusion())
     register("embedding-distortion", EmbeddingDistortion())
+    register("embedding-contrastive", EmbeddingContrastive())
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,32 @@ class EmbeddingDistortion:
         e_bd = pool(hidden_btd, batch["attention_mask"], batch["pooling"])
         reference_bd = batch["reference_bd"].to(e_bd.device).float()
         return 1.0 - F.cosine_similarity(e_bd, reference_bd, dim=-1, eps=1e-12)
+
+
+@dataclass(frozen=True)
+class EmbeddingContrastive:
+    name: str = "embedding-contrastive"
+    output: str = HIDDEN
+    temperature: float = 0.05
+
+    def prepare(self, batch: dict, generator: torch.Generator) -> dict:
+        rows = batch["input_ids"].shape[0]
+        if rows % 2:
+            raise DataError(f"objective {self.name!r} needs (query, document) row pairs: a batch has {rows} rows; "
+                            f"keep batch_size and max_samples even")
+        return {**batch, "row_index": torch.arange(rows)}
+
+    def reference(self, model: torch.nn.Module, batch: dict, directory=None) -> dict:
+        return {"pooling": pooling_mode(directory, model)}
+
+    def loss(self, hidden_btd: torch.Tensor, batch: dict) -> torch.Tensor:
+        rows = int(batch["row_index"].max()) + 1
+        e_rd = F.normalize(pool(hidden_btd, batch["attention_mask"], batch["pooling"]), dim=-1)
+        e_pkd = e_rd.view(-1, rows // 2, 2, e_rd.shape[-1])  # [copies, pairs, (query, document), D]
+        sim_pkj = e_pkd[:, :, 0] @ e_pkd[:, :, 1].transpose(1, 2) / self.temperature
+        query_pk = -sim_pkj.log_softmax(-1).diagonal(dim1=1, dim2=2)
+        document_pk = -sim_pkj.log_softmax(1).diagonal(dim1=1, dim2=2)
+        return torch.stack([query_pk, document_pk], dim=-1).reshape(-1)
 
 
 def maskable(batch: dict) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Structured pruning scores from the field, behind the ``attribute`` stage so that every ``prune``
-strategy can use them: ``wanda`` and ``taylor``. Both are unsigned importances (larger = keep;
+strategy can use them: ``weight-magnitude``, ``wanda`` and ``taylor``. All are unsigned importances (larger = keep;
 ``magnitude`` prunes the smallest first) for attention heads or MLP neurons, the same units ``ig``
 gates.
 
+- ``weight-magnitude``: the L1 norm of a unit's input columns of the output projection (heads) or
+  down projection (neurons), ``sum_{i, j in unit} |W_ij|``: the data-free classic.
 - ``wanda`` (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs", structured as in
   Wanda-sp/FLAP): per weight ``|W_ij| * ||X_j||_2`` with ``X_j`` input channel j of the output
   projection (heads) or down projection (neurons) over every real token of the data; a unit's score
@@ -18,7 +20,7 @@ gates.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from pydantic import Field
@@ -26,7 +28,8 @@ from pydantic import Field
 from surgery import hookimpl
 from surgery.core.artifacts import Artifact
 from surgery.core.errors import DataError
-from surgery.engines.attribution import AttributeOptions, loss_function, prepared_batches, sites_for
+from surgery.core.options import Options
+from surgery.engines.attribution import AttributeOptions, input_device, loss_function, prepared_batches, sites_for
 from surgery.engines.diagnostics import save_heatmap, sign_stats
 from surgery.engines.gates import GateSite, _module_order, _wrapped, model_inputs
 from surgery.models.adapters import AttentionSite, envoy_at, module_at, neuron_slices
@@ -53,14 +56,17 @@ def input_square_sums(model: torch.nn.Module, sites: Sequence[GateSite], batches
     return totals
 
 
-def wanda_scores(model: torch.nn.Module, sites: Sequence[GateSite], square_sums: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[sites, max units]``: per unit, ``sum_{i, j in unit} |W_ij| * ||X_j||``."""
+def wanda_scores(model: torch.nn.Module, sites: Sequence[GateSite], square_sums: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``[sites, max units]``: per unit, ``sum_{i, j in unit} |W_ij| * ||X_j||`` (``|W_ij|`` alone when
+    ``square_sums`` are None: weight magnitude)."""
     scores = torch.zeros(len(sites), max(s.units for s in sites), dtype=torch.float64)
     for l, (site, sq) in enumerate(zip(sites, square_sums)):
         module = module_at(model, site.path)
         weight = module.weight.detach().double()
         weight_oc = weight.T if type(module).__name__ == "Conv1D" else weight  # [out, in]
-        per_channel = weight_oc.abs().sum(0).cpu() * sq.sqrt()
+        per_channel = weight_oc.abs().sum(0).cpu()
+        if sq is not None:
+            per_channel = per_channel * sq.sqrt()
         scores[l, : site.units] = per_channel.view(site.units, site.unit_dim).sum(1)
     return scores
 
@@ -150,8 +156,10 @@ def accumulate_gradients(model: torch.nn.Module, params: Sequence[torch.nn.Param
 
 # --- the plugins ------------------------------------------------------------------------------
 
-class WandaOptions(AttributeOptions):
-    pass
+class WandaOptions(Options):
+    """Wanda and weight magnitude read no objective."""
+
+    target: Literal["heads", "neurons"] = Field("heads", description="attention heads (output-projection input) or MLP neurons")
 
 
 class TaylorOptions(AttributeOptions):
@@ -162,7 +170,7 @@ def _artifact(ctx, scores_lu: torch.Tensor, sites: Sequence[GateSite], method: s
     opts = ctx.options
     units = [s.units for s in sites]
     valid = torch.cat([scores_lu[l, :u] for l, u in enumerate(units)])
-    meta = {"method": method, "target": opts.target, "objective": opts.objective, "model": ctx.models[0],
+    meta = {"method": method, "target": opts.target, "objective": getattr(opts, "objective", None), "model": ctx.models[0],
             "units_per_layer": units, "signed": False, "convention": "unsigned: larger = more important",
             "sign_stats": sign_stats(valid), **extra}
     save_heatmap(scores_lu.float(), ctx.out_dir / "heatmap.png", f"{method} ({opts.target})")
@@ -188,10 +196,28 @@ class Wanda:
     def attribute(self, ctx) -> Artifact:
         loaded = ctx.model(ctx.models[0])
         sites = sites_for(loaded, ctx.options.target)
-        batches = _batches(ctx, loaded, ctx.objective(ctx.options.objective))
+        device = input_device(loaded.module)
+        batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                   for batch in ctx.batches(loaded.tokenizer)]
+        if not batches:
+            raise DataError(f"{ctx.where}: the data has no examples")
         squares = input_square_sums(loaded.module, sites, ctx.progress(batches, desc="wanda"))
         tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
         return _artifact(ctx, wanda_scores(loaded.module, sites, squares), sites, "wanda", {"tokens": tokens})
+
+
+class WeightMagnitude:
+    """Weight magnitude: the L1 norm of each head's or neuron's input columns (no data)."""
+
+    @hookimpl
+    def option_schema(self, stage: str):
+        return WandaOptions if stage == "attribute" else None
+
+    @hookimpl
+    def attribute(self, ctx) -> Artifact:
+        loaded = ctx.model(ctx.models[0])
+        sites = sites_for(loaded, ctx.options.target)
+        return _artifact(ctx, wanda_scores(loaded.module, sites, [None] * len(sites)), sites, "weight-magnitude", {})
 
 
 class Taylor:
@@ -224,5 +250,6 @@ class Taylor:
         return _artifact(ctx, scores, sites, "taylor", {"objective_value": objective_value})
 
 
+weight_magnitude = WeightMagnitude()
 wanda = Wanda()
 taylor = Taylor()

@@ -12,7 +12,6 @@ rank over the ``n`` pairs (the first ``n`` in topic order; every query ranks all
 """
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 import torch
@@ -25,10 +24,7 @@ from surgery.core.errors import DataError, PluginError
 from surgery.core.options import Options
 from surgery.engines.gates import model_inputs
 from surgery.models.embeddings import HIDDEN, pool, pooling_mode
-from surgery.models.stdlib_text import stdlib_topics
-
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
-
+from surgery.models.stdlib_text import paragraph_pairs
 
 class RetrievalOptions(Options):
     part: Literal["all", "a", "b"] = Field("b", description="documentation topics the pairs come from (b: the odd half)")
@@ -36,23 +32,6 @@ class RetrievalOptions(Options):
     min_words: int = Field(30, ge=4, description="shortest paragraph used")
     max_tokens: int = Field(128, ge=8, description="tokens kept of each query and document")
     batch_size: int = Field(32, ge=1, description="texts per forward pass")
-
-
-def paragraph_pairs(part: str, n: int, min_words: int) -> list[tuple[str, str]]:
-    """``(first sentence, rest of the paragraph)`` for prose paragraphs of the chosen topics."""
-    others = " ".join(" ".join(text.split()) for _, text in stdlib_topics("a" if part == "b" else "b")) if part != "all" else ""
-    pairs = []
-    for _, text in stdlib_topics(part):
-        for block in re.split(r"\n\s*\n", text):
-            if block.startswith((" ", "\t")) or "::=" in block or block.strip().startswith((">>>", "*", "=")):
-                continue  # grammar, code and headings
-            paragraph = " ".join(block.split())
-            sentences = SENTENCE_END.split(paragraph, maxsplit=1)
-            if paragraph in others:  # the other half has it too (topics share some paragraphs)
-                continue
-            if len(paragraph.split()) >= min_words and len(sentences) == 2 and len(sentences[0].split()) >= 4:
-                pairs.append((sentences[0], sentences[1]))
-    return pairs[:n]
 
 
 def embed(module: torch.nn.Module, tokenizer, texts: list[str], mode: str, max_tokens: int, batch_size: int) -> torch.Tensor:
@@ -90,7 +69,7 @@ class Retrieval:
     @hookimpl
     def evaluate(self, ctx):
         opts = ctx.options
-        pairs = paragraph_pairs(opts.part, opts.n, opts.min_words)
+        pairs = paragraph_pairs(opts.part, opts.min_words)[: opts.n]
         if len(pairs) < 2:
             raise DataError(f"{ctx.where}: only {len(pairs)} documentation pairs; lower min_words")
         figures, meta = {}, {"pairs": len(pairs), "part": opts.part, "scores": {}}
