@@ -130,8 +130,8 @@ def judge(model, reference, batches: list[dict], saes: dict, objective) -> dict:
     return figures
 
 
-def sae_recipe(layer: int, seed: int) -> dict:
-    return {"name": f"sae-{layer}-{seed}", "seed": seed, "models": {"base": "builtin:smollm2-135m"},
+def sae_recipe(model: str, layer: int, seed: int) -> dict:
+    return {"name": f"sae-{layer}-{seed}", "seed": seed, "models": {"base": model},
             "data": {"train": {"source": "stdlib-text", "words": 48, "part": "a", "max_samples": 64, "max_tokens": 32,
                                "batch_size": 16, "seed": 0}},
             "steps": [{"capture": {"plugin": "sae", "layer": layer, "architecture": "topk", "k": 16, "expansion": 4,
@@ -144,18 +144,19 @@ def tune_recipe(loss: str, seed: int, pruned: Path, prefs: Path, sae: Path | Non
     if loss == "fpo":
         tune["sae"] = str(sae)
     return {"name": f"heal-{loss}-{seed}", "seed": seed,
-            "models": {"base": "builtin:smollm2-135m", "pruned": str(pruned)},
+            "models": {"base": args.model, "pruned": str(pruned)},
             "data": {"prefs": {"source": "preference", "path": str(prefs), "batch_size": args.batch, "max_tokens": 48}},
             "steps": [{"tune": tune}]}
 
 
 def cell(values: list[float]) -> str:
-    return f"{statistics.mean(values):.4f}" + (f" +- {statistics.stdev(values):.4f}" if len(values) > 1 else "")
+    return f"{statistics.mean(values):.4g}" + (f" +- {statistics.stdev(values):.2g}" if len(values) > 1 else "")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table-run", type=Path, required=True, help="a finished prune-table-smollm2 run directory")
+    parser.add_argument("--model", default="builtin:smollm2-135m", help="the model the table run attributed")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--losses", nargs="+", default=list(LOSSES))
@@ -171,7 +172,7 @@ def main() -> None:
     from surgery.engines.sae import load_sae, site_path
 
     args.work.mkdir(parents=True, exist_ok=True)
-    base = load("base", "builtin:smollm2-135m")
+    base = load("base", args.model)
     pruned_dir = args.work / "pruned"
     if not (pruned_dir / "config.json").is_file():
         print("prune:", prune_by_ig(base, args.table_run, 0.3, pruned_dir))
@@ -184,7 +185,7 @@ def main() -> None:
     sae_dirs = {}
     for layer, seed in [(args.eval_layer, 100)] + [(-1, s) for s in args.seeds]:
         out = args.work / f"sae-{layer}-{seed}"
-        run_recipe_dict(sae_recipe(layer, seed), args.work / f"sae-{layer}-{seed}.yaml", out)
+        run_recipe_dict(sae_recipe(args.model, layer, seed), args.work / f"sae-{layer}-{seed}.yaml", out)
         sae_dirs[(layer, seed)] = next(out.glob("00-capture-sae")) / "sae"
     judge_sae = load_sae(sae_dirs[(args.eval_layer, 100)])
     objective = manager().registries.objectives.get("causal-lm")
@@ -210,10 +211,10 @@ def main() -> None:
     (args.work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nheld-out: {args.heldout} passages of the odd documentation topics, 32 tokens; "
           f"{args.steps} steps x {args.batch} pairs, lr {args.lr}; seeds {args.seeds}")
-    print(f"{'model':<14} {'held-out loss':>18} {'token KL to ref':>18} {'drift (judge SAE)':>20} {'drift (FPO SAE)':>20}")
+    print(f"{'model':<8} {'held-out loss':>20} {'token KL to ref':>22} {'drift (judge SAE)':>22} {'drift (FPO SAE)':>22}")
     for name, rows in results.items():
-        print(f"{name:<14} {cell([r['loss'] for r in rows]):>18} {cell([r['kl'] for r in rows]):>18} "
-              f"{cell([r['drift_judge'] for r in rows]):>20} {cell([r['drift_own'] for r in rows]):>20}")
+        print(f"{name:<8} {cell([r['loss'] for r in rows]):>20} {cell([r['kl'] for r in rows]):>22} "
+              f"{cell([r['drift_judge'] for r in rows]):>22} {cell([r['drift_own'] for r in rows]):>22}")
 
 
 if __name__ == "__main__":
