@@ -1,8 +1,8 @@
 """Heal a pruned SmolLM2-135M with DPO, SimPO, TDPO2 and FPO; judge on held-out text with an SAE that
 FPO never trained against.
 
-1. Prune: 30% of SmolLM2's heads by smallest |per-layer IG| (the ``ig`` step of a finished
-   ``recipes/prune-table-smollm2.yaml`` run), compact output (the pruned weights are gone, so
+1. Prune: 30% of SmolLM2's heads by smallest |per-layer IG| (the first ``ig`` step of a finished
+   run, e.g. ``recipes/ig-smollm2.yaml`` or ``recipes/prune-table-smollm2.yaml``), compact output (the pruned weights are gone, so
    tuning cannot bring them back); every KV group of a layer loses the same number of query heads.
 2. Pairs, generated here: prompts are the first ``--prompt-words`` words of documentation passages
    from the even half of the topics (``part: a``); chosen = the unpruned model's greedy
@@ -60,7 +60,8 @@ def prune_by_ig(base, table_run: Path, fraction: float, target: Path) -> dict:
     from surgery.models.pruned import compact_model
     from surgery.plugins.prune import Units, compactable, global_plan, kept_lists, magnitude_order, ranks_of
 
-    scores_lu = read_tensors(next(table_run.glob("*-attribute-ig")) / "tensors.safetensors")["scores"]
+    step = sorted(p for p in table_run.glob("*-attribute-ig") if (p / "tensors.safetensors").is_file())[0]
+    scores_lu = read_tensors(step / "tensors.safetensors")["scores"]
     units = Units(sites_for(base, "heads"), base.view, "heads")
     flat = torch.cat([scores_lu[l, :n] for l, n in enumerate(units.counts)]).double().tolist()
     order = magnitude_order(flat)
@@ -155,7 +156,7 @@ def cell(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table-run", type=Path, required=True, help="a finished prune-table-smollm2 run directory")
+    parser.add_argument("--table-run", type=Path, required=True, help="a run directory whose first `ig` attribute step (per-layer IG of heads) picks the pruned heads")
     parser.add_argument("--model", default="builtin:smollm2-135m", help="the model the table run attributed")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
