@@ -126,6 +126,7 @@ class Tasks:
         figures, meta = {}, {"tasks": {}, "n": options.n, "seed": options.seed}
         for name in ctx.models:
             loaded = ctx.model(name)
+            loaded.view  # no adapter: one line here instead of an error from inside the forward pass
             scores = score_model(loaded.module, loaded.tokenizer, options.tasks, options.n, options.seed,
                                  options.batch_size, model_name=name)
             meta["tasks"][name] = scores
