@@ -47,7 +47,7 @@ CONVENTION_HELP = ("paper: k = ceil(density n) by threshold, no sign on a zero s
 
 
 class LinearOptions(StreamOptions):
-    weights: list[Setting] | None = Field(None, description=f"one weight per model (default: equal weights); each a {SETTING_HELP}")
+    weights: list[Setting] | None = Field(None, min_length=1, description=f"one weight per model (default: equal weights); each a {SETTING_HELP}")
     normalize: bool = Field(True, description="divide the weights by their sum (per tensor)")
 
 
