@@ -39,7 +39,7 @@ def test_torch_load_only_weights_only():
 
 
 def test_yaml_safe_load_only():
-    assert offending(r"yaml\.(load|unsafe_load|full_load)\(|yaml\.Loader\b|UnsafeLoader|FullLoader") == []
+    assert offending(r"(?<!\w)yaml\.(load|unsafe_load|full_load)\(|yaml\.Loader\b|UnsafeLoader|FullLoader") == []
 
 
 def test_no_eval_or_exec():
@@ -63,8 +63,14 @@ def test_no_shell_commands():
 
 def test_tokenizers_get_the_recipe_trust_flag():
     models = (PACKAGE / "models" / "loading.py").read_text()
-    assert "AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)" in models
-    assert "_load_tokenizer(path, spec.trust_remote_code)" in models
+    assert "AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code," in models
+    assert "_load_tokenizer(path, spec.trust_remote_code, offline)" in models
+
+
+def test_loading_is_local_only_unless_downloads_are_allowed():
+    models = (PACKAGE / "models" / "loading.py").read_text()
+    assert models.count("local_files_only=offline") == 2  # config and tokenizer
+    assert 'kwargs["local_files_only"] = True' in models  # weights
 
 
 REMOTE_CODE = Path(__file__).parent / "bad_inputs" / "models" / "remote-code"
