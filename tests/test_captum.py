@@ -90,6 +90,7 @@ def test_a_missing_captum_is_named_with_its_install_command(monkeypatch):
 
     from surgery.plugins.captum_methods import INSTALL_HINT, CaptumOptions
 
+    monkeypatch.setitem(sys.modules, "captum", None)
     monkeypatch.setitem(sys.modules, "captum.attr", None)
     with pytest.raises(ValueError, match="pip install"):
         CaptumOptions.model_validate({"method": "Saliency"})
