@@ -374,6 +374,33 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "model.safetensors"))
 
 
+def assert_saved_merge_follows_the_formula(run_dir: Path, root: Path, merged, lambda_proj: float, lambda_ortho: float):
+    """Every fused layer's neurons in the saved model equal DESIGN's merge of the saved upstream
+    artifacts (base a, donor b, parent), computed by :func:`hand_merged_neurons`."""
+    from transformers import AutoModelForCausalLM
+
+    tensors = {stage: load_file(str(run_dir / name / "tensors.safetensors")) for stage, name in
+               (("capture", "00-capture-lape"), ("score", "01-score-lape-tefm"), ("cluster", "02-cluster-lape-tefm"),
+                ("align", "03-align-lape-tefm"))}
+    models = {name: AutoModelForCausalLM.from_pretrained(root / name) for name in ("a", "b", "parent")}
+    opts = FuseOptions()
+    layers = json.loads((run_dir / "04-fuse-lape-tefm" / "meta.json").read_text())["meta"]["layers"]
+    assert layers
+    for layer in layers:
+        mlp = view(merged).layers[layer].mlp
+        slices = neuron_slices(merged, mlp)
+        w_a, w_b, w_c = (neuron_matrix(dict(models[n].named_parameters()), slices, mlp.intermediate_size)
+                         for n in ("a", "b", "parent"))
+        expected = hand_merged_neurons(
+            w_a, w_b, w_c, tensors["capture"][f"a/{layer}/phi"].double(), tensors["capture"][f"b/{layer}/phi"].double(),
+            tensors["score"][f"b/{layer}/hess"].double(), tensors["score"][f"b/{layer}/grad"].double(),
+            tensors["cluster"][f"a/{layer}/labels"], tensors["cluster"][f"b/{layer}/labels"],
+            tensors["align"][f"b/{layer}/ensemble_map"], opts.beta, opts.sigma, opts.eps, lambda_proj, lambda_ortho)
+        got = neuron_matrix(dict(merged.named_parameters()), slices, mlp.intermediate_size)
+        assert (expected - w_a).abs().max() > 1e-4, layer
+        assert torch.allclose(got, expected, rtol=0, atol=1e-6), layer
+
+
 def test_recipe_runs_reloads_and_the_flat_step_moves_the_weights_by_eta(zoo_like, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -381,7 +408,7 @@ def test_recipe_runs_reloads_and_the_flat_step_moves_the_weights_by_eta(zoo_like
     report = run(zoo_like, tmp_path / "plain", pipeline(fixed))
     merged_dir = tmp_path / "plain" / "04-fuse-lape-tefm" / "model"
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    assert report["steps"][-1]["figures"]["lambda_proj"] == 0.7
+    assert_saved_merge_follows_the_formula(tmp_path / "plain", zoo_like, merged, fixed["lambda_proj"], fixed["lambda_ortho"])
     assert 0 < report["steps"][-1]["figures"]["mask_mean"] <= 0.5  # 1 - sigmoid(beta * Int), Int >= 0
     assert torch.isfinite(merged(input_ids=torch.tensor([prompts(1)[0]])).logits).all()
     labels = load_file(str(tmp_path / "plain" / "02-cluster-lape-tefm" / "tensors.safetensors"))
@@ -395,18 +422,51 @@ def test_recipe_runs_reloads_and_the_flat_step_moves_the_weights_by_eta(zoo_like
     assert [step["status"] for step in again["steps"]] == ["reused"] * 5
 
 
-def test_lambda_search_picks_the_grid_point_with_the_least_drift(zoo_like, tmp_path):
-    fuse = {"search": "logit-mse", "grid": [0.0, 0.5, 1.0], "search_inputs": 4}
-    run(zoo_like, tmp_path / "drift", pipeline(fuse))
-    meta = json.loads((tmp_path / "drift" / "04-fuse-lape-tefm" / "meta.json").read_text())
-    table = meta["meta"]["criterion"]
-    assert len(table) == 9 and all(math.isfinite(row[2]) for row in table)
-    best = min(table, key=lambda row: row[2])
-    assert [meta["figures"]["lambda_proj"], meta["figures"]["lambda_ortho"]] == best[:2]
+def test_lambda_search_picks_the_grid_point_whose_saved_merge_drifts_least(zoo_like, tmp_path):
+    """The drift of each grid point is measured here on the model the fuse saves at that point
+    (search: none), with the probe inputs the search uses; the search must report those values and
+    pick their minimum."""
+    from transformers import AutoModelForCausalLM
+
+    from plugin_registries import registries
+    from surgery.engines.preference import logit_mse
+    from surgery.models.data import DataSpec, batches, load_examples
+
+    grid = [0.0, 1.0]
+    spec = DataSpec(source="jsonl", path=str(zoo_like / "probe.jsonl"), batch_size=4, max_tokens=24)
+    probe = list(batches(load_examples(spec, 0, registries().data_sources)[:4], tokenizer(), 8, 24))
+    references = [AutoModelForCausalLM.from_pretrained(zoo_like / name).eval() for name in ("a", "b")]
+
+    @torch.no_grad()
+    def drift(model) -> float:
+        inputs = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in probe]
+        return sum(float(logit_mse(model(**x).logits, ref(**x).logits, b).double().mean())
+                   for ref in references for x, b in zip(inputs, probe)) / len(probe)
+
+    measured = {}
+    for lambda_proj in grid:
+        for lambda_ortho in grid:
+            fixed = {"search": "none", "lambda_proj": lambda_proj, "lambda_ortho": lambda_ortho}
+            run(zoo_like, tmp_path / "fixed", pipeline(fixed))
+            saved = AutoModelForCausalLM.from_pretrained(tmp_path / "fixed" / "04-fuse-lape-tefm" / "model").eval()
+            measured[(lambda_proj, lambda_ortho)] = drift(saved)
+    assert max(measured.values()) > 1.01 * min(measured.values())  # the grid points differ
+
+    run(zoo_like, tmp_path / "search", pipeline({"search": "logit-mse", "grid": grid, "search_inputs": 4}))
+    meta = json.loads((tmp_path / "search" / "04-fuse-lape-tefm" / "meta.json").read_text())
+    table = {(row[0], row[1]): row[2] for row in meta["meta"]["criterion"]}
+    assert table.keys() == measured.keys()
+    for point, value in measured.items():
+        assert table[point] == pytest.approx(value, rel=1e-4), point
+    assert (meta["figures"]["lambda_proj"], meta["figures"]["lambda_ortho"]) == min(measured, key=measured.get)
+
+
+def test_var_g_search_fills_its_grid(zoo_like, tmp_path):
     run(zoo_like, tmp_path / "var", pipeline({"grid": [0.5, 1.0], "search_paths": 2, "search_inputs": 3,
                                               "pair_neurons": "align"}, parent=None))
     var_meta = json.loads((tmp_path / "var" / "04-fuse-lape-tefm" / "meta.json").read_text())
-    assert var_meta["meta"]["search"] == "var-g" and len(var_meta["meta"]["criterion"]) == 4
+    table = var_meta["meta"]["criterion"]
+    assert var_meta["meta"]["search"] == "var-g" and len(table) == 4 and all(math.isfinite(row[2]) for row in table)
 
 
 def test_unknown_constrain_plugin_and_missing_capture_are_one_line_errors(zoo_like, tmp_path):
