@@ -44,7 +44,9 @@ def tokenizer_dir(model: Path) -> None:
 def run(recipe: Path, output: Path, nproc: int, threads: int) -> tuple[float, int]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "surgery.cli", "run", str(recipe), "--output", str(output), "--nproc", str(nproc)]
-    subprocess.run(command, check=True, capture_output=True, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     step = json.loads((output / "report.json").read_text())["steps"][0]
     return step["seconds"], int(step["figures"]["m/tokens"])
 
@@ -53,7 +55,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.examples = 16  # two batches of 8: one per process
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model, probe = make_inputs(root, args.examples)
