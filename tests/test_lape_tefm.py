@@ -463,7 +463,7 @@ def test_lambda_search_picks_the_grid_point_whose_saved_merge_drifts_least(zoo_l
     from surgery.engines.preference import logit_mse
     from surgery.models.data import DataSpec, batches, load_examples
 
-    grid = [0.0, 1.0]
+    grid = [0.0, 2.0]
     spec = DataSpec(source="jsonl", path=str(zoo_like / "probe.jsonl"), batch_size=4, max_tokens=24)
     probe = list(batches(load_examples(spec, 0, registries().data_sources)[:4], tokenizer(), 8, 24))
     references = [AutoModelForCausalLM.from_pretrained(zoo_like / name).eval() for name in ("a", "b")]
@@ -481,7 +481,7 @@ def test_lambda_search_picks_the_grid_point_whose_saved_merge_drifts_least(zoo_l
             run(zoo_like, tmp_path / "fixed", pipeline(fixed))
             saved = AutoModelForCausalLM.from_pretrained(tmp_path / "fixed" / "04-fuse-lape-tefm" / "model").eval()
             measured[(lambda_proj, lambda_ortho)] = drift(saved)
-    assert max(measured.values()) > 1.01 * min(measured.values())  # the grid points differ
+    assert max(measured.values()) > 1.002 * min(measured.values())  # the grid points differ (by far more than rel)
 
     run(zoo_like, tmp_path / "search", pipeline({"search": "logit-mse", "grid": grid, "search_inputs": 4}))
     meta = json.loads((tmp_path / "search" / "04-fuse-lape-tefm" / "meta.json").read_text())
