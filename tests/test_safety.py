@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).parent.parent / "surgery"
 RULES = {
     "pickle": (r"\bimport pickle\b|\bfrom pickle\b|\bpickle\.|\bcPickle\b|\bdill\b", None),
     "torch.load": (r"torch\.load\(", r"weights_only\s*=\s*True"),
-    "yaml": (r"yaml\.(load|unsafe_load|full_load)\(|yaml\.Loader\b|UnsafeLoader|FullLoader", None),
+    "yaml": (r"(?<!\w)yaml\.(load|unsafe_load|full_load)\(|yaml\.Loader\b|UnsafeLoader|FullLoader", None),
     "eval": (r"(?<![\w.])(eval|exec)\(", None),
     "numpy": (r"\bnp\.load\(|\bnumpy\.load\(", r"allow_pickle\s*=\s*False"),
     "shell": (r"shell\s*=\s*True|\bos\.system\(|\bos\.popen\(", None),
@@ -99,8 +99,14 @@ def test_no_shell_commands():
 
 def test_tokenizers_get_the_recipe_trust_flag():
     models = (PACKAGE / "models" / "loading.py").read_text()
-    assert "AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)" in models
-    assert "_load_tokenizer(path, spec.trust_remote_code)" in models
+    assert "AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code," in models
+    assert "_load_tokenizer(path, spec.trust_remote_code, offline)" in models
+
+
+def test_loading_is_local_only_unless_downloads_are_allowed():
+    models = (PACKAGE / "models" / "loading.py").read_text()
+    assert models.count("local_files_only=offline") == 2  # config and tokenizer
+    assert 'kwargs["local_files_only"] = True' in models  # weights
 
 
 REMOTE_CODE = Path(__file__).parent / "bad_inputs" / "models" / "remote-code"

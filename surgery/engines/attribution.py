@@ -24,7 +24,7 @@ from surgery.core.options import Options
 from surgery.engines.diagnostics import save_heatmap, sign_stats
 from surgery.engines.gates import GateSite, LossFn, head_sites, neuron_sites, rows_per_chunk
 from surgery.hookspecs import hookimpl
-from surgery.models.objectives import IGNORE_INDEX
+from surgery.models.objectives import IGNORE_INDEX, ObjectiveLoss, with_reference
 
 
 @dataclass
@@ -102,7 +102,8 @@ def sites_for(loaded, target: str) -> list[GateSite]:
 def prepared_batches(ctx, loaded, objective, answer_only: bool = False) -> Iterator[dict]:
     """The step's data as objective-prepared batches on the model's device (random masks seeded).
 
-    With ``answer_only`` the objective counts only the answer tokens of prompt/answer examples
+    An objective with a ``reference`` (e.g. ``embedding-distortion``) gets its entries from the model
+    as it is now, before any gate. With ``answer_only`` the objective counts only the answer tokens of prompt/answer examples
     (``labels`` set to -100 elsewhere before ``prepare``; masking objectives then mask only answers).
     """
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -114,7 +115,8 @@ def prepared_batches(ctx, loaded, objective, answer_only: bool = False) -> Itera
         if answer_only and "answer_mask" in batch:
             batch["labels"] = batch["labels"].masked_fill(batch["answer_mask"] == 0, IGNORE_INDEX)
         batch = objective.prepare(batch, generator)
-        yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        yield with_reference(objective, loaded.module, batch, loaded.path)
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
@@ -181,7 +183,7 @@ def gather_rows(ctx, parts: dict[int, Attribution], rows_per_batch: list[int], s
 
 
 def loss_function(objective) -> LossFn:
-    return lambda logits_btv, batch: objective.loss(logits_btv, batch)
+    return ObjectiveLoss(objective)
 
 
 def zero_rows(sites: Sequence[GateSite], batch: dict) -> torch.Tensor:
