@@ -31,13 +31,21 @@ RESULT_LINES = {
 }
 # a script not listed above must print at least one ratio: "1.23x", "a / b = 1.23" or "ratio ... 1.23"
 ANY_RATIO = rf"{NUMBER}x\b|/.*[=:]\s*{NUMBER}|\bratio\b.*{NUMBER}"
+# scripts that landed before this test and have no --smoke mode yet: expected to fail (strictly, so
+# the entry must go when the script gains one); no new script may be added here
+NO_SMOKE_YET = {"heal_smollm2.py", "merge_suite.py", "prune_table.py"}
+
+
+def _cases() -> list:
+    return [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="no --smoke mode yet"))
+            if p.name in NO_SMOKE_YET else p for p in SCRIPTS]
 
 
 def test_benchmarks_are_found():
     assert {"ig_speed.py", "capture_overhead.py", "merge_memory.py"} <= {p.name for p in SCRIPTS}
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", _cases(), ids=lambda p: p.name)
 def test_benchmark_runs_in_smoke_mode_and_prints_its_figures(script):
     assert "--smoke" in script.read_text(encoding="utf-8"), f"{script.name} has no --smoke mode"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
