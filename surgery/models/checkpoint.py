@@ -154,8 +154,12 @@ def _read_tensor(path: Path, name: str, entry: dict) -> torch.Tensor:
     with open(path, "rb") as handle:
         if os.fstat(handle.fileno()).st_size < end:
             raise ModelError(f"{path}: truncated file (tensor {name!r} needs bytes up to {end})")
-        mapped = mmap.mmap(handle.fileno(), end - start, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
+        # no MAP_POPULATE: on a private writable map it copies every page (write faults), which
+        # makes the file heap; read-ahead instead, and a page is copied only if a caller writes it
+        mapped = mmap.mmap(handle.fileno(), end - start, flags=mmap.MAP_PRIVATE,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    if hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_WILLNEED)
     flat = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=begin - start)
     if (begin - start) % _itemsize(dtype):  # a misaligned tensor cannot be viewed in place
         flat = flat.clone()
