@@ -18,7 +18,7 @@ To add a method, append a :class:`Row` to ``ROWS`` naming its recipe, the model 
 (``as:``) and which recipe model plays which role (``task-a``, ``task-b``, ``parent``), e.g.
 ``Row("lape-tefm", "lape-tefm.yaml", model="lape_tefm", roles={"base": "task-a", "donor": "task-b"})``.
 
-    python benchmarks/merge_quality.py [--pair zoo|stress|both] [--examples 512] [--output DIR]
+    python benchmarks/merge_quality.py [--pair zoo|stress|both] [--examples 512] [--output DIR] [--rows NAME ...]
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ LLAVA_ROLES = {"llama": "task-b", "parent": "parent"}  # the LLaVA itself stays 
 IMAGE_TASKS = ("colour", "shape")
 LAPE_ROLES = {"base": "task-a", "donor": "task-b"}  # lape-tefm merges task-b into task-a
 LAPE_PARENT_ROLES = {**LAPE_ROLES, "parent": "parent"}
+PARENT_ROLES = {"a": "task-a", "b": "task-b", "parent": "parent"}
 LLAVA = "builtin:tiny-llava/task-a"
 
 
@@ -57,6 +58,14 @@ class Row:
     pairs: tuple[str, ...] = ("zoo", "stress")
     baseline: bool = True
     without: tuple[str, ...] = ()  # stages removed from the recipe (an ablation row)
+    options: dict = field(default_factory=dict)  # {stage: {key: value}} set on the first step of that stage (a variant row)
+
+    def directory(self) -> str:
+        """Run directory name: rows of one recipe share it (and its merge steps) unless they set options."""
+        stem = Path(self.recipe).stem
+        if not self.options:
+            return stem
+        return f"{stem}-{hashlib.sha256(json.dumps(self.options, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
 ROWS = [
@@ -67,6 +76,26 @@ ROWS = [
     Row("fam", "fam.yaml", baseline=False),
     Row("fam+tlinp", "fam-tlinp.yaml", baseline=False),
     Row("fam, no align", "fam.yaml", baseline=False, without=("align",)),
+    # variants and ablations (docs/evidence/fam.md, "Variants")
+    Row("fam, ensembles", "fam-ensembles.yaml", baseline=False),
+    Row("fam, ensembles, no align", "fam-ensembles.yaml", baseline=False, without=("align",)),
+    Row("fam, ensemble shares, no align", "fam-ensembles.yaml", baseline=False, without=("align",),
+        options={"fuse": {"pool": "ensemble-share"}}),
+    Row("fam, ensembles k=32, no align", "fam-ensembles.yaml", baseline=False, without=("align",),
+        options={"cluster": {"k": 32}}),
+    Row("fam, ensemble shares k=32, no align", "fam-ensembles.yaml", baseline=False, without=("align",),
+        options={"fuse": {"pool": "ensemble-share"}, "cluster": {"k": 32}}),
+    Row("fam, ensemble-constrained align", "fam-ensembles.yaml", baseline=False,
+        options={"align": {"ensemble_bonus": 1.0}, "fuse": {"pool": "neuron"}}),
+    Row("fam, identity prior 0.2", "fam.yaml", baseline=False, options={"align": {"identity_bonus": 0.2}}),
+    Row("fam, no align, T=0.5", "fam.yaml", baseline=False, without=("align",), options={"fuse": {"score_power": 0.5}}),
+    Row("fam, no align, per-layer normalised", "fam.yaml", baseline=False, without=("align",),
+        options={"fuse": {"normalize": "layer"}}),
+    Row("fam+tlinp, shared tokens", "fam-tlinp.yaml", baseline=False, options={"weight": {"model": "a"}}),
+    Row("fam+tlinp, shared tokens, no align", "fam-tlinp.yaml", baseline=False, without=("align",),
+        options={"weight": {"model": "a"}}),
+    Row("fam vs parent, scale 0.5", "fam-parent.yaml", baseline=False, roles=PARENT_ROLES),
+    Row("fam vs parent, scale 0.75", "fam-parent.yaml", baseline=False, roles=PARENT_ROLES, options={"fuse": {"scale": 0.75}}),
     Row("fam+tlinp llava<-llama", "fam-llava.yaml", roles=LLAVA_ROLES, tasks=IMAGE_TASKS, pairs=("zoo",), baseline=False),
     Row("linear llava<-llama", "fam-llava.yaml", model="linear", roles=LLAVA_ROLES, tasks=IMAGE_TASKS, pairs=("zoo",)),
     Row("task-arithmetic llava<-llama", "fam-llava.yaml", model="task_arithmetic", roles=LLAVA_ROLES,
@@ -74,6 +103,10 @@ ROWS = [
     Row("lape-tefm", "lape-tefm.yaml", model="lape_tefm", roles=LAPE_ROLES, baseline=False),
     Row("lape-tefm (drift search)", "lape-tefm.yaml", model="lape_tefm_drift", roles=LAPE_ROLES, baseline=False),
     Row("lape-tefm+parent", "lape-tefm-parent.yaml", model="lape_tefm", roles=LAPE_PARENT_ROLES, baseline=False),
+    Row("lape-tefm, split=projection", "lape-tefm.yaml", model="lape_tefm", roles=LAPE_ROLES, baseline=False,
+        options={"fuse": {"split": "projection"}}),
+    Row("lape-tefm, TFI-weighted tau", "lape-tefm.yaml", model="lape_tefm", roles=LAPE_ROLES, baseline=False,
+        options={"fuse": {"member_weights": "tfi"}}),
     Row("lape-tefm+parent (drift search)", "lape-tefm-parent.yaml", model="lape_tefm_drift", roles=LAPE_PARENT_ROLES,
         baseline=False),
 ]
@@ -99,6 +132,9 @@ def prepared_recipe(row: Row, fixtures: dict[str, str], examples: int) -> dict:
             raw["models"][key] = fixtures[role]
     raw["data"]["bench-heldout"] = heldout(examples)
     steps = [step for step in raw["steps"] if not {"evaluate", *row.without} & set(step)]
+    for stage, options in row.options.items():
+        first = next(step for step in steps if stage in step)
+        first[stage] = {**first[stage], **options}
     raw["steps"] = steps + evaluation_steps(row.model, [TASK_A, TASK_B, *OTHER_TASKS, *row.tasks], examples)
     return raw
 
@@ -186,6 +222,8 @@ def verdict(rows: dict[str, dict]) -> str:
     methods = {row.name: row for row in ROWS}
     baselines = {n: s for n, s in scores.items() if n in methods and methods[n].baseline and "llava" not in n}
     fams = {n: s for n, s in scores.items() if n.startswith("fam") and "llava" not in n}
+    if not baselines or not fams:
+        return "(no baseline or no FAM row among the rows run)"
     best_base = max(baselines, key=baselines.get)
     best_fam = max(fams, key=fams.get)
     gap = fams[best_fam] - baselines[best_base]
@@ -203,14 +241,14 @@ def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def run_pair(pair: str, examples: int, output: Path) -> None:
+def run_pair(pair: str, examples: int, output: Path, only: list[str] | None = None) -> None:
     fixtures = dict(ZOO) if pair == "zoo" else stress_fixtures()
     rows = evaluate_inputs(fixtures, examples, output / pair / "inputs", LLAVA if pair == "zoo" else None)
     for row in ROWS:
-        if pair not in row.pairs:
+        if pair not in row.pairs or (only and row.name not in only):
             continue
         # one directory per recipe: rows of the same recipe reuse its merge steps
-        report = run_raw(prepared_recipe(row, fixtures, examples), output / pair / Path(row.recipe).stem)
+        report = run_raw(prepared_recipe(row, fixtures, examples), output / pair / row.directory())
         rows[row.name] = figures_of(report, row.model)
     columns = [TASK_A, TASK_B, *OTHER_TASKS] + sorted({t for r in ROWS if pair in r.pairs for t in r.tasks})
     print(f"\n## pair: {pair} ({examples} held-out examples per task)\n")
@@ -224,12 +262,13 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=512, help="held-out examples per task")
     parser.add_argument("--output", type=Path, default=Path(tempfile.gettempdir()) / "merge-quality",
                         help="run directories (finished steps are reused on a re-run)")
+    parser.add_argument("--rows", nargs="+", metavar="NAME", help="run only these rows (method names of ROWS)")
     args = parser.parse_args()
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     for pair in (["zoo", "stress"] if args.pair == "both" else [args.pair]):
-        run_pair(pair, args.examples, args.output)
+        run_pair(pair, args.examples, args.output, args.rows)
 
 
 if __name__ == "__main__":

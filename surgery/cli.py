@@ -120,7 +120,7 @@ def eval_command(models: tuple[str, ...], tasks: str | None, count: int, evaluat
 
     manager = _manager()
     options: dict = {"plugin": evaluator}
-    if evaluator == "tasks":
+    if evaluator in ("tasks", "suite"):
         options["n"] = count
         if tasks:
             options["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()]

@@ -14,7 +14,7 @@ from surgery.engines.statistics import gaussian_mi, kmeans
 from surgery.models.adapters import neuron_slices, write_directions
 from surgery.models.data import batches
 from surgery.models.zoo.tasks import make_examples
-from surgery.plugins.fam import capture_model, fai, fuse_neurons
+from surgery.plugins.fam import FamFuser, FuseOptions, capture_model, fai, fuse_neurons, pooled, prepared_scores
 from surgery.plugins.tlinp import TlinpWeighter, tlinp_weights
 
 
@@ -106,6 +106,57 @@ def test_fuse_neurons_is_the_importance_weighted_mean():
     assert torch.allclose(columns, expected.T)
 
 
+def test_fuse_neurons_with_a_parent_weights_task_vectors():
+    """W_C + scale * M * sum_m c_m (W_m - W_C): equal scores and scale 1/2 give the plain average,
+    scale 1 task arithmetic; uneven scores move each neuron towards the more important model."""
+    w_c = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
+    w_a, w_b = w_c + torch.tensor([[2.0, 0.0], [0.0, 4.0]]), w_c + torch.tensor([[0.0, 2.0], [2.0, 0.0]])
+    equal = [torch.ones(2), torch.ones(2)]
+    assert torch.allclose(fuse_neurons([w_a, w_b], equal, 0, 0, parent=w_c, scale=0.5), (w_a + w_b) / 2)
+    assert torch.allclose(fuse_neurons([w_a, w_b], equal, 0, 0, parent=w_c, scale=1.0), w_a + w_b - w_c)
+    # neuron 0: c = (3/4, 1/4); neuron 1: c = (0, 1). scale 1/2, M = 2: W_C + c_a tau_a + c_b tau_b
+    fused = fuse_neurons([w_a, w_b], [torch.tensor([3.0, 0.0]), torch.tensor([1.0, 5.0])], 0, 0, parent=w_c, scale=0.5)
+    assert torch.allclose(fused, torch.tensor([[1 + 1.5, 1 + 0.5], [0 + 2.0, 2 + 0.0]]))
+
+
+def test_scores_are_tempered_normalised_and_pooled_by_hand():
+    s = torch.tensor([1.0, 3.0, 4.0, 0.0, -2.0])
+    assert torch.allclose(prepared_scores(s, "none", 0.5), torch.tensor([1.0, 3 ** 0.5, 2.0, 0.0, 0.0], dtype=torch.float64))
+    assert torch.allclose(prepared_scores(s, "layer", 1.0), torch.tensor([0.625, 1.875, 2.5, 0.0, 0.0], dtype=torch.float64))
+    labels = torch.tensor([1, 0, 1, 0, 2])
+    assert torch.allclose(pooled(s, labels), torch.tensor([2.5, 1.5, 2.5, 1.5, -2.0], dtype=torch.float64))
+    assert torch.allclose(pooled(s, torch.arange(5)), s.double())  # one neuron per ensemble: unchanged
+
+
+def fuser_case(pool: str, labels: torch.Tensor | None):
+    """A one-layer FamFuser over a [4, 3] up-projection (neurons on axis 0) of two models."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(4, 3, generator=generator) for _ in range(2)]
+    scores = [{"0": torch.tensor([1.0, 4.0, 2.0, 0.5])}, {"0": torch.tensor([3.0, 1.0, 1.0, 2.0])}]
+    opts = FuseOptions(pool=pool)
+    fuser = FamFuser({"up": "mlp"}, {"up": [("0", 0, 0)]}, scores, [{}], opts, {"0": labels} if labels is not None else None)
+    return fuser("up", tensors), tensors, scores
+
+
+def test_cluster_labels_shape_a_fam_merge():
+    """With pool: ensemble a neuron's weights are its ensemble's mean scores: different labels give a
+    different merge, renamed labels (the same partition) the same, one ensemble per neuron the plain
+    FAM merge, and one ensemble for all the hand-computed layer-mean weights."""
+    per_neuron, tensors, scores = fuser_case("neuron", None)
+    a = fuser_case("ensemble", torch.tensor([0, 0, 1, 1]))[0]
+    b = fuser_case("ensemble", torch.tensor([0, 1, 0, 1]))[0]
+    renamed = fuser_case("ensemble", torch.tensor([1, 1, 0, 0]))[0]
+    assert not torch.allclose(a, b)
+    assert torch.equal(a, renamed)
+    assert torch.equal(fuser_case("ensemble", torch.arange(4))[0], per_neuron)
+    whole = fuser_case("ensemble", torch.zeros(4, dtype=torch.long))[0]
+    share_a = 7.5 / (7.5 + 7.0)  # mean scores 1.875 and 1.75
+    assert torch.allclose(whole, share_a * tensors[0] + (1 - share_a) * tensors[1], atol=1e-6)
+    # labels [0, 0, 1, 1]: ensemble 0 means (2.5, 2.0), ensemble 1 means (1.25, 1.5)
+    share = torch.tensor([2.5 / 4.5, 2.5 / 4.5, 1.25 / 2.75, 1.25 / 2.75])[:, None]
+    assert torch.allclose(a, share * tensors[0] + (1 - share) * tensors[1], atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """A base, a "fine-tune" of it with its MLP neurons shuffled, and a probe file."""
@@ -166,3 +217,21 @@ def test_fam_of_a_model_and_its_exact_shuffle_is_the_model(tmp_path, pair):
     wb, wm = load_file(str(base_dir / "model.safetensors")), load_file(str(run / "05-fuse-fam" / "model" / "model.safetensors"))
     for name in wb:
         assert torch.allclose(wm[name], wb[name], atol=1e-6), name
+
+
+def test_the_cluster_step_changes_a_fam_recipe_with_ensemble_pooling(tmp_path, pair):
+    """End to end: k = 2 and k = 4 ensembles give different merges; rerunning k = 4 the same one."""
+    base_dir, donor_dir, probe, _ = pair
+    models = {"base": base_dir, "donor": donor_dir}
+
+    def merged(k: int, directory: str) -> dict[str, torch.Tensor]:
+        steps = [dict(step) for step in FAM_STEPS[1:]]
+        steps[2] = {"cluster": {"plugin": "fam", "k": k}}
+        steps[4] = {"fuse": {"plugin": "fam", "pool": "ensemble"}}
+        run = run_steps(tmp_path / directory, models, steps, data=probe)
+        return load_file(str(run / "04-fuse-fam" / "model" / "model.safetensors"))
+
+    two, four, again = merged(2, "k2"), merged(4, "k4"), merged(4, "k4-again")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.allclose(two[name], four[name])
+    assert all(torch.equal(four[key], again[key]) for key in four)

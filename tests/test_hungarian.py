@@ -107,3 +107,28 @@ def test_identity_bonus_moves_a_neuron_only_for_a_larger_gain():
     assert torch.equal(kept, torch.arange(30))
     free, _ = align_layer(sketch_stats(base), sketch_stats(noisy))
     assert corr[torch.arange(30), free].sum() >= corr.diagonal().sum()
+
+
+def test_ensemble_bonus_matches_neurons_within_matched_ensembles():
+    """Two pairs of neurons: the free optimum crosses ensembles; a bonus above the loss keeps each
+    neuron in its matched ensemble, one below it does not, and one ensemble for all changes nothing."""
+    from surgery.plugins.hungarian import align_layer, same_ensemble
+
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(256, 4, generator=generator, dtype=torch.float64)
+    donor = base[:, [1, 0, 3, 2]] + 0.3 * torch.randn(256, 4, generator=generator, dtype=torch.float64)
+    labels_a, labels_b = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    ensemble_map = torch.tensor([0, 1])  # base ensemble 0 (neurons 0, 1) <- donor ensemble 0 (neurons 0, 2)
+    within = same_ensemble(labels_a, labels_b, ensemble_map)
+    assert within.tolist() == [[1, 0, 1, 0], [1, 0, 1, 0], [0, 1, 0, 1], [0, 1, 0, 1]]
+    free, corr = align_layer(sketch_stats(base), sketch_stats(donor))
+    assert free.tolist() == [1, 0, 3, 2]  # crosses: base 0 -> donor 1, which is in the other ensemble
+    ensembles = (labels_a, labels_b, ensemble_map)
+    constrained, _ = align_layer(sketch_stats(base), sketch_stats(donor), ensembles=ensembles, ensemble_bonus=2.0)
+    assert within[torch.arange(4), constrained].sum() == 4
+    assert constrained.tolist() == match(corr + 2.0 * within).tolist()
+    # a bonus smaller than any gain of the free optimum leaves it; a single ensemble adds a constant
+    weak, _ = align_layer(sketch_stats(base), sketch_stats(donor), ensembles=ensembles, ensemble_bonus=1e-6)
+    assert torch.equal(weak, free)
+    one = (torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), torch.tensor([0]))
+    assert torch.equal(align_layer(sketch_stats(base), sketch_stats(donor), ensembles=one, ensemble_bonus=5.0)[0], free)

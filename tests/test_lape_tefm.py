@@ -227,18 +227,49 @@ def test_tos_mapping_recovers_a_shuffled_copy_and_is_deterministic():
 
 # --- fuse formulas -----------------------------------------------------------------------------
 
-def test_projection_split_reconstructs_tau_exactly_when_the_mask_is_one():
+def test_mask_split_sums_to_tau_for_the_masks_the_code_produces():
+    """tau_proj + tau_ortho = tau for every M that interference_mask returns (0 < M <= 1/2), and
+    tau_proj = M P with P the projection on d; the 'projection' split drops (1 - M) P instead."""
     generator = torch.Generator().manual_seed(0)
+    phi_a, phi_b = (torch.randn(5, 3, generator=generator, dtype=torch.float64) for _ in range(2))
+    hess = torch.rand(5, generator=generator, dtype=torch.float64) + 0.1
+    mask = interference_mask(phi_a, phi_b, hess, beta=0.1)
+    assert bool(((mask > 0) & (mask <= 0.5)).all()) and len(set(mask.tolist())) == 5
     tau = torch.randn(5, 40, generator=generator, dtype=torch.float64)
     d = torch.randn(5, 40, generator=generator, dtype=torch.float64)
-    proj, ortho = split_task_vector(tau, d, torch.ones(5, dtype=torch.float64), eps=0.0)
+    proj, ortho = split_task_vector(tau, d, mask, eps=0.0)
     assert torch.allclose(proj + ortho, tau, rtol=0, atol=1e-14)
-    assert torch.allclose((ortho * d).sum(-1), torch.zeros(5, dtype=torch.float64), atol=1e-12)  # orthogonal to d
-    assert torch.allclose(proj, ((tau * d).sum(-1) / (d * d).sum(-1))[:, None] * d)
-    masked, ortho_masked = split_task_vector(tau, d, torch.full((5,), 0.3, dtype=torch.float64), eps=0.0)
-    assert torch.allclose(masked, 0.3 * proj) and torch.equal(ortho_masked, ortho)
+    p = ((tau * d).sum(-1) / (d * d).sum(-1))[:, None] * d
+    assert torch.allclose(proj, mask[:, None] * p)
+    dropped, ortho_p = split_task_vector(tau, d, mask, eps=0.0, split="projection")
+    assert torch.equal(dropped, proj) and torch.allclose(ortho_p, tau - p)
+    assert torch.allclose(proj + ortho_p + (1 - mask[:, None]) * p, tau)
+
+
+def test_mask_and_split_on_hand_computed_values():
+    # Int = |phi_B - phi_A| / Hess: 0 -> M = 1/2; 5 / 2 = 2.5 -> M = 1 - sigmoid(0.25)
     mask = interference_mask(torch.zeros(2, 3), torch.tensor([[0.0, 0, 0], [3.0, 4.0, 0]]), torch.tensor([1.0, 2.0]), beta=0.1)
-    assert torch.allclose(mask, torch.tensor([0.5, 1 - 1 / (1 + math.exp(-0.25))], dtype=torch.float64))
+    m = 1 - 1 / (1 + math.exp(-0.25))
+    assert torch.allclose(mask, torch.tensor([0.5, m], dtype=torch.float64))
+    tau, d = torch.tensor([[2.0, 1.0], [0.0, 3.0]], dtype=torch.float64), torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    proj, ortho = split_task_vector(tau, d, mask, eps=0.0)  # P = [2, 0] and [0, 3]
+    assert torch.allclose(proj, torch.tensor([[1.0, 0.0], [0.0, 3 * m]], dtype=torch.float64))
+    assert torch.allclose(ortho, torch.tensor([[1.0, 1.0], [0.0, 3 - 3 * m]], dtype=torch.float64))
+    _, ortho_p = split_task_vector(tau, d, mask, eps=0.0, split="projection")
+    assert torch.allclose(ortho_p, torch.tensor([[0.0, 1.0], [0.0, 0.0]], dtype=torch.float64))
+
+
+def test_tfi_weighted_ensemble_task_vectors_by_hand():
+    from surgery.plugins.lape_tefm import ensemble_task_vectors
+
+    w_c = torch.zeros(4, 2, dtype=torch.float64)
+    w_b = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    plain = ensemble_task_vectors(w_b, w_c, labels, torch.zeros(4), sigma=0.0)
+    assert torch.allclose(plain, torch.tensor([[2.0, 0.0], [0.0, 3.0]], dtype=torch.float64))
+    tfi = torch.tensor([1.0, 3.0, 0.0, 0.0])  # ensemble 1 has no weight: its plain mean is kept
+    weighted = ensemble_task_vectors(w_b, w_c, labels, torch.zeros(4), sigma=0.0, member_weights_j=tfi)
+    assert torch.allclose(weighted, torch.tensor([[2.5, 0.0], [0.0, 3.0]], dtype=torch.float64))
 
 
 def test_neuron_matrix_round_trips_and_follows_neuron_permutations():
@@ -260,8 +291,8 @@ def test_neuron_matrix_round_trips_and_follows_neuron_permutations():
 
 @pytest.mark.parametrize("with_parent", [False, True])
 def test_singleton_ensembles_without_mask_or_gradient_term_reduce_to_a_closed_form_merge(with_parent):
-    """beta = 0 gives M = 1/2 everywhere; with one neuron per ensemble, sigma = 0, lambda_proj = 1 and
-    lambda_ortho = 1/2: W* = W_A + P/2 + (tau - P)/2 = W_A + (W_B - W_C)/2 for every neuron."""
+    """beta = 0 gives M = 1/2 everywhere; with one neuron per ensemble, sigma = 0 and lambda_proj =
+    lambda_ortho = 1/2: W* = W_A + (tau_proj + tau - tau_proj)/2 = W_A + (W_B - W_C)/2 for every neuron."""
     base, donor, parent = tiny(), tiny(noise=0.02, noise_seed=5), tiny(noise=0.02, noise_seed=6)
     layer = view(base).layers[1]
     size = layer.mlp.intermediate_size
@@ -278,7 +309,7 @@ def test_singleton_ensembles_without_mask_or_gradient_term_reduce_to_a_closed_fo
     w_a, w_b, w_c = (neuron_matrix(p, slices, size) for p in params)
     expected = w_a + (w_b - (w_c if with_parent else w_a)) / 2
     assert torch.allclose(update.mask_k, torch.full((size,), 0.5, dtype=torch.float64))
-    assert torch.allclose(update.base_if + update.proj_if + 0.5 * update.ortho_if, expected, atol=1e-12)
+    assert torch.allclose(update.base_if + 0.5 * update.proj_if + 0.5 * update.ortho_if, expected, atol=1e-12)
 
 
 # --- the recipe --------------------------------------------------------------------------------

@@ -73,3 +73,20 @@ def test_weighters_share_the_capture_interface():
     mask = torch.tensor([[1, 1, 0]])
     assert UniformWeighter().weights(logits, ids, mask).tolist() == [[1.0, 1.0, 0.0]]
     assert torch.equal(TlinpWeighter(0.5).weights(logits, ids, mask), tlinp_weights(logits, ids, mask, 0.5))
+
+
+def test_shared_weighter_takes_every_capture_s_weights_from_its_reference_model():
+    """With ``model:`` the weights are TLINP of the reference model's logits, whatever model is captured."""
+    from merge_fixtures import build, perturbed, tokenizer
+    from surgery.plugins.tlinp import SharedTlinpWeighter
+
+    reference, other = build("llama", 0), perturbed(build("llama", 0), seed=1, scale=0.05)
+    batch = tokenizer()(["copy: 3 1 4 = 3 1 4", "sort: 2 1 = 1 2"], return_tensors="pt", padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        own_reference, own_other = reference(**batch).logits, other(**batch).logits
+    shared = SharedTlinpWeighter(reference, alpha=0.5)
+    expected = tlinp_weights(own_reference, ids, mask, 0.5)
+    assert torch.allclose(shared.weights(own_other, ids, mask), expected, atol=1e-6)
+    assert torch.allclose(shared.weights(None, ids, mask), expected, atol=1e-6)
+    assert not torch.allclose(TlinpWeighter(0.5).weights(own_other, ids, mask), expected, atol=1e-4)

@@ -36,19 +36,21 @@ def stream_merge(ctx, combine: Callable[[list[torch.Tensor]], torch.Tensor], max
 
 
 def stream_merge_named(ctx, combine: Callable[[str, list[torch.Tensor]], torch.Tensor], max_shard_mb: float | None,
-                       tensor_map: TensorMap | None = None) -> Artifact:
+                       tensor_map: TensorMap | None = None, models: list[str] | None = None) -> Artifact:
     """Like :func:`stream_merge`, with ``combine(base_tensor_name, tensors)``.
 
-    Base tensors that ``tensor_map`` keeps, and non-float tensors, are copied from the base.
+    ``models`` (default: the step's) are the recipe models read, base first. Base tensors that
+    ``tensor_map`` keeps, and non-float tensors, are copied from the base.
     """
-    if len(ctx.models) < 2:
-        raise RecipeError(f"{ctx.where}.models: a merge needs at least two models, got {ctx.models}")
+    models = models or ctx.models
+    if len(models) < 2:
+        raise RecipeError(f"{ctx.where}.models: a merge needs at least two models, got {models}")
     tensor_map = tensor_map if tensor_map is not None else map_option(ctx)
-    readers = [CheckpointReader(ctx.model_path(name)) for name in ctx.models]
+    readers = [CheckpointReader(ctx.model_path(name)) for name in models]
     base = readers[0]
-    donors = {name: (reader.names(), reader.shape) for name, reader in zip(ctx.models[1:], readers[1:])}
+    donors = {name: (reader.names(), reader.shape) for name, reader in zip(models[1:], readers[1:])}
     plan = plan_merge(base.names(), base.shape, donors, tensor_map)
-    writer = ctx.model_writer(like=ctx.models[0], max_shard_mb=max_shard_mb)
+    writer = ctx.model_writer(like=models[0], max_shard_mb=max_shard_mb)
     # every output tensor has its base tensor's name, dtype and shape: lay the shards out up front
     writer.reserve([(name, base.dtype(name), base.shape(name)) for name in base.names()])
     merged = kept = 0
@@ -69,7 +71,7 @@ def stream_merge_named(ctx, combine: Callable[[str, list[torch.Tensor]], torch.T
         raise
     model_dir = writer.close()
     unused = {donor: len(names) for donor, names in plan.unused.items() if names}
-    meta = {"models": ctx.models, "map": tensor_map.name, "unused_donor_tensors": unused}
+    meta = {"models": models, "map": tensor_map.name, "unused_donor_tensors": unused}
     return Artifact(meta=meta, figures={"merged_params": merged, "kept_params": kept}, model_dir=model_dir)
 
 

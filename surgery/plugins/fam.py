@@ -25,6 +25,8 @@ Deviations from the seeds are in docs/methods/fam.md.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
@@ -62,6 +64,15 @@ class FuseOptions(Options):
     blend_by_class: dict[TensorClass, float] = Field({}, description="blend per tensor class (overrides blend)")
     keep: list[TensorClass] = Field([], description="tensor classes kept from the base model")
     score_power: float = Field(1.0, ge=0, description="neurons are weighted by FAI**score_power (1: DESIGN; 0: plain mean)")
+    normalize: Literal["none", "layer"] = Field("none", description="'layer': divide each model's FAI by its mean over "
+                                               "the layer's neurons first, so no model outweighs another by scale")
+    pool: Literal["neuron", "ensemble", "ensemble-share"] = Field(
+        "neuron", description="'ensemble': each model's score for a neuron is its mean score over the base neuron's "
+        "ensemble; 'ensemble-share': each model's share c_m is averaged over the ensemble (both need a cluster step)")
+    parent: str | None = Field(None, description="recipe model C all models were fine-tuned from: merge task vectors "
+                               "W* = W_C + scale * sum_m N c_m (W_m - W_C) (c_m the FAM weights; blend unused)")
+    scale: float = Field(0.5, description="with a parent: lambda on the summed task vectors (0.5 with equal weights "
+                         "and two models = the plain average; 1 = task arithmetic)")
     map: str | dict | None = Field(None, description=MAP_HELP)
     max_shard_mb: float | None = Field(256.0, gt=0, description="cap on each output safetensors shard (MiB)")
 
@@ -137,40 +148,77 @@ def neuron_features(stats: Stats) -> torch.Tensor:
 # --- fuse --------------------------------------------------------------------------------------
 
 
-def fuse_neurons(tensors: list[torch.Tensor], scores: list[torch.Tensor], axis: int, offset: int) -> torch.Tensor:
-    """Importance-weighted mean of already aligned tensors over the neuron block at ``offset`` along
-    ``axis``: slice i = sum_m s_m[i] W_m[i] / sum_m s_m[i] (equal weights where all s_m[i] are 0)."""
+def neuron_coefficients(scores: list[torch.Tensor]) -> torch.Tensor:
+    """c_m[i] = s_m[i] / sum_m s_m[i] (negative scores count as 0; equal shares where all are 0): [M, I]."""
     s_mi = torch.stack([s.double() for s in scores]).clamp_min(0)
     total_i = s_mi.sum(0)
-    coef_mi = torch.where(total_i > 0, s_mi / total_i.clamp_min(1e-300), torch.full_like(s_mi, 1 / len(scores)))
+    return torch.where(total_i > 0, s_mi / total_i.clamp_min(1e-300), torch.full_like(s_mi, 1 / len(scores)))
+
+
+def fuse_neurons(tensors: list[torch.Tensor], scores: list[torch.Tensor], axis: int, offset: int,
+                 parent: torch.Tensor | None = None, scale: float = 0.5) -> torch.Tensor:
+    """Importance-weighted merge of already aligned tensors over the neuron block at ``offset`` along
+    ``axis``: slice i = sum_m c_m[i] W_m[i] (:func:`neuron_coefficients`), or with a ``parent`` W_C
+    ``W_C[i] + scale * sum_m M c_m[i] (W_m[i] - W_C[i])``; the rest of the tensor is the first model's."""
+    coef_mi = neuron_coefficients(scores)
     out = tensors[0].clone()
     n = coef_mi.shape[1]
     block = [t.narrow(axis, offset, n).double() for t in tensors]
     shape = [1] * out.dim()
     shape[axis] = n
-    mixed = sum(c.view(shape) * b for c, b in zip(coef_mi, block))
+    if parent is None:
+        mixed = sum(c.view(shape) * b for c, b in zip(coef_mi, block))
+    else:
+        origin = parent.narrow(axis, offset, n).double()
+        mixed = origin + scale * len(tensors) * sum(c.view(shape) * (b - origin) for c, b in zip(coef_mi, block))
     out.narrow(axis, offset, n).copy_(mixed.to(out.dtype))
     return out
 
 
+def pooled(scores_i: torch.Tensor, labels_i: torch.Tensor) -> torch.Tensor:
+    """Each neuron's score replaced by the mean score of its ensemble: [I]."""
+    k = int(labels_i.max()) + 1
+    one_ik = torch.nn.functional.one_hot(labels_i.long(), k).double()
+    means_k = (one_ik.T @ scores_i.double()) / one_ik.sum(0).clamp_min(1)
+    return means_k[labels_i.long()]
+
+
+def prepared_scores(scores_i: torch.Tensor, normalize: str, power: float) -> torch.Tensor:
+    """``(s / mean s) ** power`` (``normalize: layer``) or ``s ** power``, negatives as 0."""
+    s = scores_i.double().clamp_min(0)
+    if normalize == "layer" and s.mean() > 0:
+        s = s / s.mean()
+    return s ** power
+
+
 class FamFuser:
-    """``combine(name, tensors)`` for :func:`stream_merge_named`: FAM on neuron slices, blend elsewhere."""
+    """``combine(name, tensors)`` for :func:`stream_merge_named`: FAM on neuron slices, blend elsewhere.
+
+    ``tensors`` are the models' (base first), then the parent's when ``opts.parent`` is set;
+    ``labels`` are the base model's ensemble labels per layer (used with ``pool: ensemble``).
+    """
 
     def __init__(self, classes: dict[str, TensorClass], slices: dict, scores: list[dict[str, torch.Tensor]],
-                 perms: list[dict[str, torch.Tensor]], opts: FuseOptions) -> None:
+                 perms: list[dict[str, torch.Tensor]], opts: FuseOptions,
+                 labels: dict[str, torch.Tensor] | None = None) -> None:
         self.classes, self.slices, self.scores, self.perms, self.opts = classes, slices, scores, perms, opts
+        self.labels = labels or {}
 
     def __call__(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        parent = tensors[-1] if self.opts.parent else None
+        models = tensors[:-1] if self.opts.parent else tensors
         klass = self.classes.get(name, "other")
         if klass in self.opts.keep:
-            return tensors[0]
+            return models[0]
         if name in self.slices:
-            return self._neurons(name, tensors)
+            return self._neurons(name, models, parent)
+        if parent is not None:
+            return parent + self.opts.scale * sum(t - parent for t in models)
         blend = self.opts.blend_by_class.get(klass, self.opts.blend)
-        donors = torch.stack(tensors[1:]).mean(0)
-        return (1 - blend) * tensors[0] + blend * donors
+        donors = torch.stack(models[1:]).mean(0)
+        return (1 - blend) * models[0] + blend * donors
 
-    def _neurons(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _neurons(self, name: str, tensors: list[torch.Tensor], parent: torch.Tensor | None) -> torch.Tensor:
         out = tensors
         for layer, axis, offset in self.slices[name]:
             aligned = [out[0]]
@@ -185,7 +233,11 @@ class FamFuser:
                 index[offset:offset + perm.numel()] = perm + offset
                 aligned.append(tensor.index_select(axis, index))
                 scores.append(self.scores[donor][layer][perm])
-            fused = fuse_neurons(aligned, scores, axis, offset)
+            if self.opts.pool == "ensemble":
+                scores = [pooled(s, self.labels[layer]) for s in scores]
+            elif self.opts.pool == "ensemble-share":
+                scores = [pooled(c, self.labels[layer]) for c in neuron_coefficients(scores)]
+            fused = fuse_neurons(aligned, scores, axis, offset, parent, self.opts.scale)
             out = [fused] + aligned[1:]
         return out[0]
 
@@ -256,13 +308,27 @@ class Fam:
         base = ctx.model(ctx.models[0])
         classes, slices = tensor_classes(base.module, base.view)
         scored = ctx.upstream("score")
-        scores = [{layer: s.double() ** opts.score_power for layer, s in _scores_of(scored, name, ctx.where).items()}
-                  for name in ctx.models]
+        scores = [{layer: prepared_scores(s, opts.normalize, opts.score_power)
+                   for layer, s in _scores_of(scored, name, ctx.where).items()} for name in ctx.models]
         perms = _perms(ctx, ctx.models[1:])
-        fuser = FamFuser(classes, slices, scores, perms, opts)
-        artifact = stream_merge_named(ctx, fuser, opts.max_shard_mb, map_option(ctx))
-        artifact.meta.update(blend=opts.blend, keep=opts.keep, aligned=any(perms))
+        labels = _base_labels(ctx) if opts.pool != "neuron" else None
+        fuser = FamFuser(classes, slices, scores, perms, opts, labels)
+        models = [*ctx.models, opts.parent] if opts.parent else None
+        artifact = stream_merge_named(ctx, fuser, opts.max_shard_mb, map_option(ctx), models=models)
+        artifact.meta.update(blend=opts.blend, keep=opts.keep, aligned=any(perms), pool=opts.pool,
+                             parent=opts.parent, normalize=opts.normalize, score_power=opts.score_power)
         return artifact
+
+
+def _base_labels(ctx) -> dict[str, torch.Tensor]:
+    """The base model's ensemble labels per layer from the upstream cluster step."""
+    try:
+        clusters = ctx.upstream("cluster")
+    except SurgeryError:
+        raise SurgeryError(f"{ctx.where}.pool: {ctx.options.pool!r} needs a `cluster` step before the fuse") from None
+    base = ctx.models[0]
+    return {key[len(base) + 1:-len("/labels")]: value for key, value in clusters.tensors.items()
+            if key.startswith(f"{base}/") and key.endswith("/labels")}
 
 
 def _scores_of(scored: Artifact, name: str, where: str) -> dict[str, torch.Tensor]:

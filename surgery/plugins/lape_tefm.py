@@ -18,12 +18,13 @@ gate/up rows and down column, concatenated; every slice :func:`surgery.models.ad
   (Hess of an ensemble = its members' mean), Hungarian on TOS -> ``ensemble_map``; the same formula
   per neuron pair, Hungarian -> ``perm`` (used where the donor's neurons are compared with the base's).
 - ``fuse``    per base ensemble k and its donor ensemble p = ensemble_map[k]:
-  ``tau_p = mean_{j in E_p}(W_B,j - W_C,j) + sigma g'_B,p u_p`` (W_C = the base's matched neuron
+  ``tau_p = mean_{j in E_p}(W_B,j - W_C,j) + sigma g'_B,p u_p`` (``member_weights: tfi``: the mean
+  weighted by the donor's TFI; W_C = the base's matched neuron
   when there is no parent; u_p the unit mean weight vector of E_p, g'_B,p the members' mean g');
   ``Int_p = ||phi_B,p - phi_A,k||_2 / (Hess_B,p + eps)``, ``M_k = 1 - sigmoid(beta Int_p)``;
   ``d_k = sum_{i in E_k} phi_A,i[0] W_A,i / sum_{i in E_k} |phi_A,i[0]|``;
-  ``P = <tau, d_k> / (|d_k|^2 + eps) d_k``, ``tau_proj = M_k P``, ``tau_ortho = tau - P``
-  (so tau_proj + tau_ortho = tau exactly when M_k = 1); every member i of E_k becomes
+  ``P = <tau, d_k> / (|d_k|^2 + eps) d_k``, ``tau_proj = M_k P``, ``tau_ortho = tau - tau_proj``
+  (``split: projection``: ``tau - P``); every member i of E_k becomes
   ``W*_i = W_A,i + lambda_proj tau_proj + lambda_ortho tau_ortho``. Other tensors:
   ``W_A + blend (W_B - W_C)``, or the base's (``keep``). (lambda_proj, lambda_ortho) is the grid
   point minimising the search criterion: ``var-g`` (the merged model's variance across probe inputs of
@@ -76,6 +77,11 @@ class FuseOptions(Options):
     parent: str | None = Field(None, description="recipe model C for task vectors W_B - W_C (default: the lape capture's parent, else the base)")
     beta: float = Field(0.1, ge=0, description="interference mask M = 1 - sigmoid(beta * Int)")
     sigma: float = Field(1.0, description="weight of the g' term added to each ensemble's task vector")
+    split: Literal["design", "projection"] = Field("design", description="'design': tau_proj = M P, tau_ortho = tau - "
+                                                   "tau_proj (DESIGN §2.3); 'projection': tau_ortho = tau - P (the "
+                                                   "masked share of P is dropped)")
+    member_weights: Literal["uniform", "tfi"] = Field("uniform", description="ensemble task vector tau_p: plain mean "
+                                                      "of its members' W_B - W_C, or their TFI-weighted mean")
     eps: float = Field(1e-8, gt=0, description="numerical floor in Int and in the projection")
     lambda_proj: float = Field(0.5, description="lambda_proj when search is 'none'")
     lambda_ortho: float = Field(0.5, description="lambda_ortho when search is 'none'")
@@ -191,10 +197,19 @@ def set_neuron_matrix_(params: dict[str, torch.Tensor], slices: Sequence, size: 
 # --- fuse: the formulas -------------------------------------------------------------------------
 
 def ensemble_task_vectors(w_b_jf: torch.Tensor, w_c_jf: torch.Tensor, labels_b: torch.Tensor,
-                          grad_b_j: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``tau_p = mean_{j in E_p}(W_B,j - W_C,j) + sigma g'_B,p u_p``: [k_b, F]."""
+                          grad_b_j: torch.Tensor, sigma: float, member_weights_j: torch.Tensor | None = None) -> torch.Tensor:
+    """``tau_p = mean_{j in E_p}(W_B,j - W_C,j) + sigma g'_B,p u_p``: [k_b, F].
+
+    With ``member_weights_j`` (>= 0, e.g. TFI) the mean is weighted by them (plain where an
+    ensemble's weights sum to 0).
+    """
     k = int(labels_b.max()) + 1
     tau = ensemble_means(w_b_jf - w_c_jf, labels_b, k)
+    if member_weights_j is not None:
+        weight_j = member_weights_j.double().clamp_min(0)
+        total_k = ensemble_means(weight_j, labels_b, k)
+        weighted = ensemble_means(weight_j[:, None] * (w_b_jf - w_c_jf), labels_b, k) / total_k.clamp_min(1e-300)[:, None]
+        tau = torch.where(total_k[:, None] > 0, weighted, tau)
     direction = torch.nn.functional.normalize(ensemble_means(w_b_jf, labels_b, k), dim=1)
     return tau + sigma * ensemble_means(grad_b_j, labels_b, k)[:, None] * direction
 
@@ -214,12 +229,15 @@ def interference_mask(phi_a_k3: torch.Tensor, phi_b_k3: torch.Tensor, hess_b_k: 
     return 1 - torch.sigmoid(beta * interference)
 
 
-def split_task_vector(tau_kf: torch.Tensor, d_kf: torch.Tensor, mask_k: torch.Tensor,
-                      eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tau_proj, tau_ortho)``: ``P = <tau, d>/(|d|^2 + eps) d``, ``tau_proj = M P``, ``tau_ortho = tau - P``."""
+def split_task_vector(tau_kf: torch.Tensor, d_kf: torch.Tensor, mask_k: torch.Tensor, eps: float = 1e-8,
+                      split: str = "design") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tau_proj, tau_ortho)`` with ``P = <tau, d>/(|d|^2 + eps) d`` and ``tau_proj = M P``:
+    ``tau_ortho = tau - tau_proj`` (``split='design'``, so the two always sum to tau) or
+    ``tau - P`` (``'projection'``: the share (1 - M) P belongs to neither part)."""
     coefficient_k = (tau_kf * d_kf).sum(-1) / (d_kf.square().sum(-1) + eps)
     projection_kf = coefficient_k[:, None] * d_kf
-    return mask_k.to(tau_kf.dtype)[:, None] * projection_kf, tau_kf - projection_kf
+    proj_kf = mask_k.to(tau_kf.dtype)[:, None] * projection_kf
+    return proj_kf, tau_kf - (proj_kf if split == "design" else projection_kf)
 
 
 @dataclass
@@ -235,19 +253,20 @@ class LayerUpdate:
 
 def layer_update(layer: LayerView, slices: Sequence, params_a: dict, params_b: dict, params_c: dict | None, *,
                  phi_a_i3, phi_b_j3, hess_a_i, hess_b_j, grad_b_j, labels_a, labels_b, ensemble_map, perm,
-                 opts: FuseOptions) -> LayerUpdate:
+                 opts: FuseOptions, tfi_b_j: torch.Tensor | None = None) -> LayerUpdate:
     """The seed's phase 3 for one layer (see the module docstring); ``slices`` name module parameters."""
     size = layer.mlp.intermediate_size
     w_a = neuron_matrix(params_a, slices, size)
     w_b = neuron_matrix(params_b, slices, size)
     w_c = neuron_matrix(params_c, slices, size) if params_c is not None else w_a[invert(perm)]
-    tau_p = ensemble_task_vectors(w_b, w_c, labels_b, grad_b_j, opts.sigma)[ensemble_map]   # [k_a, F]
+    member_weights = tfi_b_j if opts.member_weights == "tfi" else None
+    tau_p = ensemble_task_vectors(w_b, w_c, labels_b, grad_b_j, opts.sigma, member_weights)[ensemble_map]   # [k_a, F]
     d_k = activation_directions(w_a, phi_a_i3[:, 0], labels_a)
     k_b = int(labels_b.max()) + 1
     phi_b_k3 = ensemble_means(phi_b_j3, labels_b, k_b)[ensemble_map]
     hess_b_k = ensemble_means(hess_b_j, labels_b, k_b)[ensemble_map]
     mask_k = interference_mask(ensemble_means(phi_a_i3, labels_a), phi_b_k3, hess_b_k, opts.beta, opts.eps)
-    proj_kf, ortho_kf = split_task_vector(tau_p, d_k, mask_k, opts.eps)
+    proj_kf, ortho_kf = split_task_vector(tau_p, d_k, mask_k, opts.eps, opts.split)
     return LayerUpdate(layer, w_a, proj_kf[labels_a], ortho_kf[labels_a], mask_k)
 
 
@@ -457,7 +476,7 @@ def _layer_update(layer, key, module, params, captured, scored, clusters, aligne
         phi_a_i3=captured.tensors[f"{base_name}/{key}/phi"].double(), phi_b_j3=captured.tensors[f"{donor_name}/{key}/phi"].double(),
         hess_a_i=scored.tensors[f"{base_name}/{key}/hess"], hess_b_j=scored.tensors[f"{donor_name}/{key}/hess"],
         grad_b_j=scored.tensors[f"{donor_name}/{key}/grad"], labels_a=labels_a, labels_b=labels_b,
-        ensemble_map=ensemble_map.long(), perm=perm.long(), opts=opts)
+        ensemble_map=ensemble_map.long(), perm=perm.long(), opts=opts, tfi_b_j=scored.tensors[f"{donor_name}/{key}/score"])
 
 
 def choose_lambdas(ctx, merged: MergedModel, base, parent, captured: Artifact, opts: FuseOptions) -> tuple[tuple[float, float], list]:

@@ -13,6 +13,10 @@ logits in float32 log space (``log p_t = z_t[next] - logsumexp(z_t)``), never as
 
 The last real token of a row has no next token in the data; it is weighted by the probability of
 the model's own greedy continuation (``max_v p_{t,v}``), the "generated path" case of the seed.
+
+With ``model: NAME`` the weights come from that recipe model's logits for every capture, so all
+models' statistics average over one shared token weighting (by default each captured model weighs
+the tokens by its own predictions, and two fine-tunes then describe different token sets).
 """
 from __future__ import annotations
 
@@ -22,10 +26,13 @@ from pydantic import Field
 from surgery import hookimpl
 from surgery.core.artifacts import Artifact
 from surgery.core.options import Options
+from surgery.core.errors import RecipeError
 
 
 class TlinpOptions(Options):
     alpha: float = Field(0.5, gt=0, le=1, description="strength of the virtual-loss penalty (seed default 0.5)")
+    model: str | None = Field(None, description="recipe model whose logits weight the tokens of every capture (one "
+                              "shared token set for all models, e.g. their parent); default: each model's own logits")
 
 
 def virtual_loss(logits_btv: torch.Tensor) -> torch.Tensor:
@@ -84,6 +91,21 @@ class TlinpWeighter(Artifact):
         return tlinp_weights(logits_btv, input_ids_bt, mask_bt, self.alpha)
 
 
+class SharedTlinpWeighter(TlinpWeighter):
+    """TLINP weights from one reference model's logits, whichever model is being captured."""
+
+    def __init__(self, reference: torch.nn.Module, alpha: float = 0.5, name: str = "") -> None:
+        super().__init__(alpha)
+        self.meta["weights_from"] = name
+        self.reference = reference
+
+    @torch.no_grad()
+    def weights(self, logits_btv: torch.Tensor | None, input_ids_bt: torch.Tensor, mask_bt: torch.Tensor) -> torch.Tensor:
+        device = next(self.reference.parameters()).device
+        out = self.reference(input_ids=input_ids_bt.to(device), attention_mask=mask_bt.to(device))
+        return tlinp_weights(out.logits.float().cpu(), input_ids_bt.cpu(), mask_bt.cpu(), self.alpha).to(mask_bt.device)
+
+
 class Uniform:
     """Uniform token weights: capture averages with the plain mean over real tokens."""
 
@@ -105,7 +127,12 @@ class Tlinp:
 
     @hookimpl
     def weight(self, ctx) -> TlinpWeighter:
-        return TlinpWeighter(ctx.options.alpha)
+        name = ctx.options.model
+        if name is None:
+            return TlinpWeighter(ctx.options.alpha)
+        if name not in ctx.run.recipe.models:
+            raise RecipeError(f"{ctx.where}.model: {name!r} is not a recipe model ({sorted(ctx.run.recipe.models)})")
+        return SharedTlinpWeighter(ctx.model(name).module, ctx.options.alpha, name)
 
 
 uniform = Uniform()

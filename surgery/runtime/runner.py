@@ -111,11 +111,17 @@ class Run:
                 return self.manager.call_stage(step.plugin, "weight", ctx=ctx)
         return UniformWeighter()
 
+    def _models_named_in(self, step: Step) -> list[str]:
+        """Recipe models an option names (e.g. a fuse step's ``parent``) besides the step's own."""
+        values = step.options.model_dump(mode="json").values()
+        return sorted({v for v in values if isinstance(v, str) and v in self.recipe.models and v not in step.models})
+
     def step_fingerprint(self, step: Step, previous: str) -> str:
         data = self.recipe.data.get(step.data) if step.data else None
         record = {
             "version": VERSION, "stage": step.stage, "plugin": step.plugin,
             "options": step.options.model_dump(mode="json"), "models": {m: self.model_fingerprint(m) for m in step.models},
+            "named_models": {m: self.model_fingerprint(m) for m in self._models_named_in(step)},
             "data": data.model_dump(mode="json") if data is not None else None, "inputs": step.inputs,
             "seed": self.recipe.seed, "previous": previous, "as": step.output_model,
         }
