@@ -14,7 +14,7 @@ back to back (so drifting machine load hits all of them alike):
 It prints the median time of each and the medians of the per-repeat ratios capture / bare pass.
 Goals: MLP means / bare forward <= 1.10; FAM capture / bare forward+backward <= 1.3.
 
-    python benchmarks/capture_overhead.py [--repeats 15] [--threads N] [--device cuda] [--sketch-dim 128]
+    python benchmarks/capture_overhead.py [--repeats 15] [--threads N] [--device cuda] [--sketch-dim 128] [--smoke]
 """
 from __future__ import annotations
 
@@ -58,7 +58,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--sketch-dim", type=int, default=128, help="FAM's default sketch size")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.layers, args.hidden, args.batch, args.seq, args.repeats, args.sketch_dim = 2, 32, 2, 16, 1, 8
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -23,7 +23,7 @@ mergekit is not a project dependency; install it in its own virtual environment,
 
 Without ``--mergekit`` (or when it is not found) only our merge runs. ``--device`` is passed to
 mergekit's ``--device`` and our recipe's ``device`` (the streamed merge computes on the CPU).
-Smaller models: ``--hidden 128 --layers 2 --vocab 1000``.
+Smaller models: ``--hidden 128 --layers 2 --vocab 1000``; ``--smoke``: tiny ones, one run.
 """
 from __future__ import annotations
 
@@ -184,7 +184,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", default=None, help="keep the checkpoints here between runs (default: a temp dir)")
+    parser.add_argument("--smoke", action="store_true", help="tiny checkpoints, one run: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.hidden, args.layers, args.vocab, args.repeats, args.shard_mb = 64, 2, 256, 1, 0.1
 
     mergekit = args.mergekit and shutil.which(args.mergekit)
     if args.mergekit and not mergekit:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from surgery.core.errors import SurgeryError, one_line
+from surgery.core.errors import SurgeryError, located, one_line
+from surgery.core.places import DOWNLOAD_ENV, allow_downloads, check_device, downloads_allowed, resolved_note
 from surgery.runtime.manager import Manager
 from surgery.runtime.recipe import load_recipe
 
@@ -22,7 +23,10 @@ def _manager(plugin_refs: tuple[str, ...] = ()) -> Manager:
     if manager is None:  # the group was invoked directly, not through main()
         manager = click.get_current_context().find_root().obj = Manager()
     for ref in plugin_refs:
-        manager.add(ref, Path.cwd())
+        try:
+            manager.add(ref, Path.cwd())
+        except SurgeryError as exc:
+            raise located(exc, "--plugin") from None
     return manager
 
 
@@ -32,10 +36,48 @@ def cli(debug: bool) -> None:
     """Surgery on transformer models: capture, score, align, fuse, attribute, prune, heal."""
 
 
+def _allow_download(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        allow_downloads()
+    return value
+
+
+ALLOW_DOWNLOAD = click.option(
+    "--allow-download", is_flag=True, expose_value=False, is_eager=True, callback=_allow_download,
+    help=f"Let hub ids (org/name) be downloaded; off by default (or set {DOWNLOAD_ENV}=1).")
+
+
 def _common_run_options(fn):
-    fn = click.option("--plugin", "plugin_refs", multiple=True, metavar="MODULE_OR_FILE", help="Load an extra plugin.")(fn)
+    fn = click.option("--plugin", "plugin_refs", multiple=True, metavar="MODULE_OR_FILE",
+                      help="Load an extra plugin (imports and runs its Python code).")(fn)
     fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. steps.2.plugin=ties.")(fn)
+    fn = ALLOW_DOWNLOAD(fn)
     return fn
+
+
+def _checked_device(device: str | None) -> str | None:
+    if device is None:
+        return None
+    try:
+        return check_device(device)
+    except SurgeryError as exc:
+        raise SurgeryError(str(exc), where="--device") from None
+
+
+def _check_nproc(nproc: int, device: str) -> None:
+    """No more processes than CUDA devices (for a CUDA run) or CPU cores: each one loads the models."""
+    if device.startswith("cuda"):
+        import torch
+
+        limit, what = torch.cuda.device_count(), "CUDA devices"
+    else:
+        limit, what = os.cpu_count() or 1, "CPU cores"
+    if nproc > limit:
+        raise SurgeryError(f"{nproc} processes, more than the {limit} {what} here", where="--nproc")
+
+
+def _output_line(path: Path) -> str:
+    return f"{path}{resolved_note(path)}"
 
 
 @cli.command()
@@ -44,33 +86,41 @@ def _common_run_options(fn):
 @click.option("--output", default=None, help="Run directory (overrides the recipe's output).")
 @click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0.")
 @click.option("--nproc", default=1, type=click.IntRange(min=1), help="Data-parallel processes (torchrun).")
+@click.option("--force", default=None, is_flag=False, flag_value="all", metavar="[STEP]",
+              help="Compute again instead of reusing: every step, or STEP (name or index) and the steps after it.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def run(recipe: str, overrides: tuple[str, ...], plugin_refs: tuple[str, ...], output: str | None, device: str | None,
-        nproc: int, debug: bool) -> None:
+        nproc: int, force: str | None, debug: bool) -> None:
     """Validate RECIPE, then run its steps (finished steps are reused)."""
     from surgery.core import distributed
-    from surgery.runtime.runner import run_recipe
+    from surgery.runtime.runner import first_forced, run_recipe
 
+    device = _checked_device(device)
     manager = _manager(plugin_refs)
     parsed = load_recipe(recipe, manager, overrides, output)
+    first_forced(parsed, force)  # an unknown step name fails here, before anything runs
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _check_nproc(nproc, device or parsed.device)
         sys.exit(_relaunch_with_torchrun(nproc))
-    report = run_recipe(parsed, manager, device)
+    report = run_recipe(parsed, manager, device, force=force)
     if distributed.rank() != 0:
         return
     for step in report["steps"]:
         figures = ", ".join(f"{k}={_short(v)}" for k, v in step["figures"].items())
         click.echo(f"[{step['index']}] {step['stage']:<9} {step['plugin']:<16} {step['status']:<6} {step['seconds']:>7.2f}s  {figures}")
-    click.echo(f"run directory: {parsed.output}")
+    click.echo(f"run directory: {_output_line(parsed.output)}")
 
 
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @_common_run_options
 def validate(recipe: str, overrides: tuple[str, ...], plugin_refs: tuple[str, ...]) -> None:
-    """Check RECIPE without loading any model or data."""
-    parsed = load_recipe(recipe, _manager(plugin_refs), overrides)
-    click.echo(f"{recipe}: ok ({len(parsed.steps)} steps, output {parsed.output})")
+    """Check RECIPE without loading any model or data (plugin files it names are imported: they run)."""
+    manager = _manager(plugin_refs)
+    parsed = load_recipe(recipe, manager, overrides)
+    for path in [manager.source_file(manager.add(ref, Path.cwd())) or ref for ref in plugin_refs] + parsed.plugin_files:
+        click.echo(f"imported plugin code: {path}")
+    click.echo(f"{recipe}: ok ({len(parsed.steps)} steps, output {_output_line(parsed.output)})")
 
 
 @cli.command()
@@ -111,6 +161,7 @@ def describe(plugin: str, plugin_refs: tuple[str, ...]) -> None:
 @click.option("--evaluator", default="tasks", help="The evaluate plugin to use.")
 @click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@ALLOW_DOWNLOAD
 def eval_command(models: tuple[str, ...], tasks: str | None, count: int, evaluator: str, device: str | None, as_json: bool) -> None:
     """Score MODELS (builtin:NAME, directories or hub ids) side by side in one table."""
     import tempfile
@@ -118,6 +169,7 @@ def eval_command(models: tuple[str, ...], tasks: str | None, count: int, evaluat
     from surgery.runtime.recipe import validate
     from surgery.runtime.runner import run_recipe
 
+    device = _checked_device(device)
     manager = _manager()
     options: dict = {"plugin": evaluator}
     if evaluator in ("tasks", "suite"):
@@ -155,7 +207,11 @@ def init(template: str, output: str | None) -> None:
         raise SurgeryError(f"{target} exists; choose another name with --output")
     from surgery.core.io import write_text
 
-    write_text(target, resources.files("surgery.templates").joinpath(f"{template}.yaml").read_text())
+    text = resources.files("surgery.templates").joinpath(f"{template}.yaml").read_text()
+    try:
+        write_text(target, text)
+    except OSError as exc:
+        raise SurgeryError(f"{target}: cannot write: {exc.strerror or exc}") from None
     click.echo(f"wrote {target}; run it with: surgery run {target}")
 
 
@@ -200,19 +256,31 @@ def _load_manager() -> Manager | None:
     return manager
 
 
+def _usage_line(exc: click.ClickException) -> str:
+    """Click's usage error on one line, naming the command and where to read its help."""
+    message = one_line(exc.format_message())
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "surgery"
+    return f"{command}: {message} (see '{command} --help')"
+
+
 def main() -> None:
     """Entry point: one-line errors and exit code 2 for bad input; tracebacks only with --debug."""
     debug = "--debug" in sys.argv
+    if not downloads_allowed() and "--allow-download" not in sys.argv:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing leaves the machine unless asked
     _quiet_transformers()
     try:
-        code = cli.main(standalone_mode=False, obj=_load_manager())
+        code = cli.main(standalone_mode=False, obj=_load_manager(), prog_name="surgery")
         if isinstance(code, int) and code:
             sys.exit(code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
+        if debug:
+            raise
+        click.echo(f"error: {_usage_line(exc)}", err=True)
         sys.exit(2)
     except SurgeryError as exc:
         if debug:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from surgery.core.errors import RecipeError
+
 
 class Options(BaseModel):
     """Plugin options: typed, documented, unknown keys rejected.
@@ -16,3 +18,9 @@ class Options(BaseModel):
 
 class NoOptions(Options):
     """For stages that take no options."""
+
+
+def check_at_most(value: int, limit: int, key: str, what: str) -> None:
+    """A count option larger than what there is to count is an error, not a silent clamp."""
+    if value > limit:
+        raise RecipeError(f"{key}: {value} is more than the {limit} {what}")

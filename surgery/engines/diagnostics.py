@@ -179,6 +179,8 @@ def _one_attribution(run_dir: Path, step: str | None) -> AttributionStep:
 def report(run_dir: Path, step: str | None = None) -> dict[str, Any]:
     """Sign statistics, completeness and per-sample similarity of every attribution step; prune results."""
     out: dict[str, Any] = {"run": str(run_dir), "attribution": [], "prune": []}
+    if not step_dirs(run_dir):
+        raise SurgeryError(f"{run_dir}: not a run directory (no finished step folder in it)")
     for att in attribution_steps(run_dir, step):
         meta = att.artifact.meta
         entry = {"step": att.directory.name, "method": meta.get("method"), "target": meta.get("target"),

@@ -31,6 +31,7 @@ from surgery.models.adapters import envoy_at
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
 
 LossFn = Callable[[torch.Tensor, dict], torch.Tensor]  # (logits_btv, batch) -> loss_b
+# a loss function with an ``output`` attribute receives that model output field instead of the logits
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,8 @@ def _run(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict,
             rows, tokens = x_rtd.shape[0], x_rtd.shape[1]
             g = gate.to(x_rtd.dtype).view(rows, 1, site.units, 1)
             envoy.input = (x_rtd.view(rows, tokens, site.units, site.unit_dim) * g).view(x_rtd.shape)
-        logits_btv = nm.output.logits.save()
-    return loss_fn(logits_btv, batch)
+        output_bt = getattr(nm.output, getattr(loss_fn, "output", "logits")).save()
+    return loss_fn(output_bt, batch)
 
 
 def evaluate_points(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict,

@@ -91,6 +91,8 @@ def resolve_spec(spec: DataSpec, sources: DataSourceRegistry, base_dir: Path | N
             path = (base_dir or Path.cwd()) / path
         if not path.exists():
             raise DataError(f"data file not found: {spec.path}")
+        if not (path.is_file() or path.is_dir()):  # a FIFO or a device would block or never end
+            raise DataError(f"{spec.path}: not a regular file")
         update["path"] = str(path.resolve())
     return spec.model_copy(update=update)
 

@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from surgery.core.errors import ModelError
+from surgery.core.places import DOWNLOAD_ENV, downloads_allowed
 from surgery.core.registry import Registry
 from surgery.models.registries import Registries
 
@@ -46,7 +47,7 @@ def parse_model_spec(value: Any, base_dir: Path, models: Registry) -> ModelSpec:
         value = {"path": value}
     if not isinstance(value, dict):
         raise ModelError("expected a model path string or a mapping with 'path'")
-    spec = ModelSpec(**value)
+    spec = ModelSpec.model_validate(value)
     if spec.path.startswith(BUILTIN):
         models.get(spec.path[len(BUILTIN):])
         return spec
@@ -56,6 +57,9 @@ def parse_model_spec(value: Any, base_dir: Path, models: Registry) -> ModelSpec:
             raise ModelError(f"{spec.path}: no config.json in this directory")
         return spec.model_copy(update={"path": str(local)})
     if _looks_like_hub_id(spec.path):
+        if not downloads_allowed():
+            raise ModelError(f"{spec.path}: no such local directory, and downloading it from the hub is off "
+                             f"(pass --allow-download or set {DOWNLOAD_ENV}=1 to allow it)")
         return spec
     raise ModelError(f"model directory not found: {spec.path}")
 
@@ -77,6 +81,15 @@ def resolve_path(spec: ModelSpec, models: Registry) -> Path | str:
         build = models.get(spec.path[len(BUILTIN):])
         return Path(build(cache_dir()))
     return Path(spec.path) if Path(spec.path).exists() else spec.path
+
+
+def architecture_of(spec: ModelSpec, models: Registry) -> str | None:
+    """The model class a spec loads, from its config or its builder alone (None: unknown offline)."""
+    from surgery.models.embeddings import architecture_in
+
+    if spec.path.startswith(BUILTIN):
+        return getattr(models.get(spec.path[len(BUILTIN):]), "architecture", None)
+    return architecture_in(Path(spec.path)) if Path(spec.path).is_dir() else None
 
 
 @dataclass
@@ -106,12 +119,16 @@ def load_model(name: str, spec: ModelSpec, registries: Registries, device: str |
 
     path = resolve_path(spec, registries.models)
     kwargs: dict[str, Any] = {"dtype": DTYPES[spec.dtype], "trust_remote_code": spec.trust_remote_code}
+    offline = not downloads_allowed()
+    if offline:
+        kwargs["local_files_only"] = True
     if spec.device_map:
         kwargs["device_map"] = spec.device_map
     where = f"cannot load model {name!r} from {path}"
     try:
         with _quiet_transformers():
-            config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+            config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code,
+                                                             local_files_only=offline)
             model_class = _model_class(config)
             module, info = model_class.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except Exception as exc:  # transformers and safetensors raise many types for a bad checkpoint
@@ -123,7 +140,7 @@ def load_model(name: str, spec: ModelSpec, registries: Registries, device: str |
         module.to(device)
     module.eval()
     _restore_attention_direction(module)
-    tokenizer = _load_tokenizer(path, spec.trust_remote_code)
+    tokenizer = _load_tokenizer(path, spec.trust_remote_code, offline)
     return LoadedModel(name, module, tokenizer, Path(path) if isinstance(path, Path) else None, fingerprint(path),
                        registries.architectures)
 
@@ -173,11 +190,12 @@ def _model_class(config: Any) -> Any:
     return transformers.AutoModelForCausalLM
 
 
-def _load_tokenizer(path: Path | str, trust_remote_code: bool = False) -> Any:
+def _load_tokenizer(path: Path | str, trust_remote_code: bool = False, offline: bool = True) -> Any:
     import transformers
 
     try:
-        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                          local_files_only=offline)
     except (OSError, ValueError, TypeError):
         return None
 

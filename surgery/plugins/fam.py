@@ -33,7 +33,7 @@ from pydantic import Field
 from surgery import hookimpl
 from surgery.core.artifacts import Artifact
 from surgery.core.errors import RecipeError, SurgeryError
-from surgery.core.options import Options
+from surgery.core.options import Options, check_at_most
 from surgery.engines.capture import (
     Capture, Stats, Stream, mlp_activations, mlp_inputs, mlp_outputs, mlp_write_projection
 )
@@ -296,6 +296,7 @@ class Fam:
         for model_index, name in enumerate(ctx.models):
             for layer in layers_of(captured, name, ctx.where):
                 features = neuron_features(layer_stats(captured, name, layer))
+                check_at_most(ctx.options.k, features.shape[0], f"{ctx.where}.k", f"neurons of layer {layer} of {name!r}")
                 generator = torch.Generator().manual_seed(layer_seed(ctx.seed, model_index, layer))
                 tensors[f"{name}/{layer}/labels"] = kmeans(features, ctx.options.k, generator, ctx.options.iterations)
         return Artifact(tensors=tensors, meta={"models": ctx.models, "layers": captured.meta["layers"], "k": ctx.options.k})

@@ -33,7 +33,7 @@ from pydantic import Field
 from surgery import hookimpl
 from surgery.core.artifacts import Artifact
 from surgery.core.errors import DataError, RecipeError
-from surgery.core.options import Options
+from surgery.core.options import Options, check_at_most
 from surgery.engines import preference as po
 from surgery.engines.sae import SparseAutoencoder, load_sae, model_inputs
 from surgery.models.adapters import view
@@ -197,6 +197,7 @@ class FPO:
         from surgery.engines.sae import check_site
 
         site = check_site(sae, reference, view(reference, ctx.registries.architectures), where=ctx.where)
+        check_at_most(ctx.options.k, sae.cfg.d_sae, f"{ctx.where}.k", "features of the SAE")
         return FeatureConstraint(reference, sae, site, ctx.options.k)
 
 

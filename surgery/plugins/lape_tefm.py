@@ -48,7 +48,7 @@ from pydantic import Field
 from surgery import hookimpl
 from surgery.core.artifacts import Artifact
 from surgery.core.errors import ModelError, RecipeError, SurgeryError
-from surgery.core.options import Options
+from surgery.core.options import Options, check_at_most
 from surgery.engines.merge import tensor_classes
 from surgery.engines.paths import PathSettings, encode_model, probe_spec, prompt_ids
 from surgery.engines.permute import ensemble_similarity, invert, match
@@ -388,6 +388,7 @@ class LapeTefm:
         for model_index, name in enumerate(ctx.models):
             for layer in _layers(captured, name, ctx.where):
                 features = neuron_features(_phi(captured, name, layer, ctx.where))
+                check_at_most(ctx.options.k, features.shape[0], f"{ctx.where}.k", f"neurons of layer {layer} of {name!r}")
                 generator = torch.Generator().manual_seed(layer_seed(ctx.seed, model_index, layer))
                 tensors[f"{name}/{layer}/labels"] = spectral_clustering(features @ features.T, ctx.options.k, generator,
                                                                         ctx.options.iterations)

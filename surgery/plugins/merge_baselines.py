@@ -35,7 +35,7 @@ from surgery.engines.merge import StreamOptions, per_model, stream_merge, stream
 
 
 class LinearOptions(StreamOptions):
-    weights: list[float] | None = Field(None, description="one weight per model (default: equal weights)")
+    weights: list[float] | None = Field(None, min_length=1, description="one weight per model (default: equal weights)")
     normalize: bool = Field(True, description="divide the weights by their sum")
 
 

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from surgery import hookimpl
 from surgery.core.artifacts import Artifact
-from surgery.core.options import Options
+from surgery.core.options import Options, check_at_most
 from surgery.engines.sae import (
     SAEConfig, SAEError, Site, SparseAutoencoder, TrainConfig, ce_loss_recovered, evaluate_sae, layer_index, save_sae,
     site_activations, site_path, summary, train_sae
@@ -57,6 +57,8 @@ def train_for_model(model: torch.nn.Module, model_view: ModelView, model_name: s
     if first is None or first.shape[0] == 0:
         raise SAEError("the data gives no tokens to train the SAE on")
     d_in = first.shape[-1]
+    if options.architecture == "topk":
+        check_at_most(options.k, options.expansion * d_in, "k", f"features of this SAE (expansion {options.expansion} x {d_in})")
     cfg = SAEConfig(d_in=d_in, d_sae=options.expansion * d_in, architecture=options.architecture, k=min(options.k, options.expansion * d_in),
                     l1_coefficient=options.l1_coefficient, hook_name=path, hook_layer=layer_index(model_view, options.layer),
                     model_name=model_name)

@@ -93,7 +93,10 @@ def _builder(name: str):
 
         return zoo.build(name, cache_dir)
 
+    from surgery.models.zoo.catalog import MODEL_CLASSES, get_entry
+
     build.__doc__ = f"Train (first use) or load zoo entry {name!r}; returns its directory."
+    build.architecture = MODEL_CLASSES[get_entry(name).arch]  # read by validation, which loads nothing
     return build
 
 
@@ -123,6 +126,7 @@ class Tasks:
         figures, meta = {}, {"tasks": {}, "n": options.n, "seed": options.seed}
         for name in ctx.models:
             loaded = ctx.model(name)
+            loaded.view  # no adapter: one line here instead of an error from inside the forward pass
             scores = score_model(loaded.module, loaded.tokenizer, options.tasks, options.n, options.seed,
                                  options.batch_size, model_name=name)
             meta["tasks"][name] = scores

@@ -9,9 +9,11 @@ plugins when first asked for and again after a plugin is added; there is no proc
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +25,8 @@ from surgery import hookspecs
 from surgery.core.errors import PluginError
 from surgery.core.registry import did_you_mean
 from surgery.models.registries import HOOKS, Registries
+
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 class Manager:
@@ -110,9 +114,35 @@ class Manager:
         """The options schema ``name`` declares for ``stage`` (NoOptions when it declares none)."""
         from surgery.core.options import NoOptions
 
-        impl = getattr(self.get(name), "option_schema", None)
-        schema = impl(stage=stage) if _is_hookimpl(impl) else None
+        target = self.get(name)
+        others = [p for p in self.pm.get_plugins() if p is not target]
+        schema = self.pm.subset_hook_caller("option_schema", remove_plugins=others)(stage=stage)
         return schema or NoOptions
+
+    def identity(self, name: str) -> str:
+        """What a step fingerprint records of plugin ``name``: its distribution and version when it
+        was installed as a package, plus a hash of its source file when it is a local file or a
+        module of no distribution, so that editing that file makes its steps run again."""
+        plugin = self.get(name)
+        for registered, dist in self.pm.list_plugin_distinfo():
+            if registered is plugin:
+                return f"{dist.project_name} {dist.version}"
+        module = plugin if isinstance(plugin, ModuleType) else inspect.getmodule(
+            plugin if inspect.isclass(plugin) else type(plugin))
+        parts = []
+        version = _distribution_version(getattr(module, "__name__", ""))
+        if version:
+            parts.append(version)
+        source = getattr(module, "__file__", None)
+        if not version and source and Path(source).is_file():
+            parts.append("sha256:" + hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16])
+        return " ".join(parts) or "unversioned"
+
+    def source_file(self, name: str) -> str | None:
+        """The file plugin ``name`` was imported from, if any."""
+        plugin = self.get(name)
+        module = plugin if isinstance(plugin, ModuleType) else inspect.getmodule(type(plugin))
+        return getattr(module, "__file__", None)
 
     def check_stage(self, name: str, stage: str) -> None:
         if not self.pm.has_plugin(name) or stage not in self.stages_of(name):
@@ -124,6 +154,22 @@ class Manager:
         target = self.get(name)
         others = [p for p in self.pm.get_plugins() if p is not target]
         return self.pm.subset_hook_caller(stage, remove_plugins=others)(**kwargs)
+
+
+def _distribution_version(module_name: str) -> str | None:
+    """``"dist version"`` of the installed distribution that provides top-level ``module_name``."""
+    from importlib import metadata
+
+    top = module_name.split(".", 1)[0]
+    if not top or top.startswith("surgery_local_plugin_"):
+        return None
+    names = metadata.packages_distributions().get(top) or []
+    for dist in names:
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def _is_hookimpl(obj: object) -> bool:
@@ -149,7 +195,11 @@ def _import_plugin(ref: str, base_dir: Path | None) -> ModuleType:
         except Exception as exc:
             raise PluginError(f"plugin file {ref}: {type(exc).__name__}: {exc}") from exc
         return module
+    if not _MODULE_NAME.fullmatch(ref):
+        raise PluginError(f"{ref!r} is neither a plugin file (*.py) nor a module name like 'pkg.module'")
     try:
         return importlib.import_module(ref)
     except ImportError as exc:
         raise PluginError(f"cannot import plugin module {ref!r}: {exc}") from exc
+    except Exception as exc:  # the module's own code raised while importing
+        raise PluginError(f"plugin module {ref!r}: {type(exc).__name__}: {exc}") from exc

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pydantic
-import yaml
 
-from surgery.core.errors import PluginError, RecipeError, SurgeryError
+from surgery.core import safe_yaml
+from surgery.core.errors import PluginError, RecipeError, SurgeryError, located
 from surgery.core.options import Options
+from surgery.core.places import check_device, check_output
 from surgery.core.registry import did_you_mean
 from surgery.hookspecs import STAGES
 from surgery.models.registries import Registries
@@ -35,6 +36,7 @@ from surgery.runtime.manager import Manager
 
 TOP_KEYS = {"name", "seed", "plugins", "models", "data", "steps", "output", "device", "on_nonfinite"}
 NONFINITE_MODES = ("stop", "report")
+MAX_SEED = 2**32 - 1  # plugins derive sub-seeds by arithmetic on it; torch takes at most 64 bits
 STEP_KEYS = {"plugin", "name", "models", "data", "inputs", "as"}
 OUTPUT_MODEL = {"fuse": "merged", "prune": "pruned", "tune": "tuned"}
 # stages whose steps read every recipe model unless `models:` says otherwise
@@ -72,47 +74,38 @@ class Recipe:
     base_dir: Path
     source: str  # the file the recipe came from, for messages
     on_nonfinite: str = "stop"  # NaN/Inf: stop the step, or report it and go on (surgery.core.guards)
+    plugin_files: list[str] = field(default_factory=list)  # the code `plugins:` imported and ran
 
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
-    """Parse a recipe file with ``yaml.safe_load``; one-line errors for every way it can fail."""
+    """Parse a recipe file with bounded safe YAML (:mod:`surgery.core.safe_yaml`); one-line errors for
+    every way it can fail."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError("is a directory, not a recipe file", where=str(path))
+    if path.exists() and not path.is_file():
+        raise RecipeError("not a regular file (a device, pipe or socket is never read as a recipe)", where=str(path))
     if not path.is_file():
         raise RecipeError("recipe file not found", where=str(path))
     try:
+        limit = safe_yaml.max_bytes()
+        size = path.stat().st_size
+        if size > limit:
+            raise RecipeError(f"{size} bytes, more than the {limit}-byte limit (raise it with ${safe_yaml.SIZE_ENV})",
+                              where=str(path))
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise RecipeError("not UTF-8 text", where=str(path)) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{line}invalid YAML: {problem}", where=str(path)) from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read the recipe: {exc.strerror or exc}", where=str(path)) from None
+    except RecipeError as exc:
+        raise located(exc, str(path)) from None
+    raw = safe_yaml.load(text, where=str(path))
     if raw is None:
         raise RecipeError("the recipe is empty", where=str(path))
-    _check_duplicate_keys(text, str(path))
     if not isinstance(raw, dict):
         raise RecipeError(f"a recipe must be a mapping of keys, got {type(raw).__name__}", where=str(path))
     return raw
-
-
-def _check_duplicate_keys(text: str, source: str) -> None:
-    """A key written twice in one mapping is an error (``yaml.safe_load`` keeps the last silently)."""
-    stack = [yaml.compose(text, Loader=yaml.SafeLoader)]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, yaml.MappingNode):
-            seen: set[str] = set()
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode):
-                    if key.value in seen:
-                        raise RecipeError(f"line {key.start_mark.line + 1}: duplicate key {key.value!r}", where=source)
-                    seen.add(key.value)
-                stack.append(value)
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
@@ -122,7 +115,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
         if "=" not in item:
             raise RecipeError(f"--set {item!r}: expected KEY=VALUE", where=source)
         key, text = item.split("=", 1)
-        value = yaml.safe_load(text) if text else ""
+        value = safe_yaml.load(text, where=f"{source}: --set {key}") if text else ""
         parts = key.split(".")
         if len(parts) >= 3 and parts[0] == "steps" and parts[1].isdigit():
             step = _override_step(raw, int(parts[1]), key, source)
@@ -166,19 +159,24 @@ def validate(
     """Check every key, type, range, plugin and reference; return the typed recipe."""
     from surgery.models.loading import parse_model_spec
 
+    _check_string_keys(raw, source)
     _check_keys(raw, TOP_KEYS, source, "")
     name = _typed(raw, "name", str, source, default=Path(source).stem)
     seed = _typed(raw, "seed", int, source, default=0)
+    if not 0 <= seed <= MAX_SEED:
+        raise RecipeError(f"seed: expected an integer from 0 to {MAX_SEED}, got {_short_repr(seed)}", where=source)
     device = _typed(raw, "device", str, source, default="cpu")
+    _wrap(lambda: check_device(device), source, "device")
     on_nonfinite = _typed(raw, "on_nonfinite", str, source, default="stop")
     if on_nonfinite not in NONFINITE_MODES:
         raise RecipeError(f"on_nonfinite: expected one of {', '.join(NONFINITE_MODES)}, got {on_nonfinite!r}", where=source)
     plugins = _typed(raw, "plugins", list, source, default=[])
+    plugin_files: list[str] = []
     for i, ref in enumerate(plugins):
-        if not isinstance(ref, str):
+        if not isinstance(ref, str) or not ref.strip():
             raise RecipeError(f"plugins[{i}]: expected a file or module name", where=source)
         try:
-            manager.add(ref, base_dir)
+            plugin_files.append(manager.source_file(manager.add(ref, base_dir)) or ref)
         except PluginError as exc:
             raise RecipeError(f"plugins[{i}]: {exc}", where=source) from None
     models_raw = _typed(raw, "models", dict, source, default={})
@@ -197,19 +195,31 @@ def validate(
     if not isinstance(out, str):
         raise RecipeError("output: expected a directory path", where=source)
     steps = _validate_steps(steps_raw, manager, models, data, source)
+    _check_objectives(steps, models, manager.registries, source)
     output_path = Path(out)  # relative to the working directory, like any CLI output path
-    return Recipe(name, seed, plugins, models, data, steps, output_path, device, base_dir, source, on_nonfinite)
+    _wrap(lambda: check_output(output_path), source, "--output" if output else "output")
+    return Recipe(name, seed, plugins, models, data, steps, output_path, device, base_dir, source, on_nonfinite,
+                  plugin_files)
 
 
 def _validate_steps(steps_raw: list, manager: Manager, models: dict, data: dict, source: str) -> list[Step]:
     steps: list[Step] = []
     known_models = list(models)
+    unsaved: dict[str, str] = {}  # model a step would make but does not save -> that step
+    latest_unsaved: str | None = None  # that model, when the latest step making one saves none
     names: set[str] = set()
     for index, item in enumerate(steps_raw):
         step = _parse_step(item, index, manager, f"steps[{index}]", source)
         where = f"steps[{index}].{step.stage}"
+        if not step.models and latest_unsaved and step.stage not in ALL_MODEL_STAGES | {"evaluate"}:
+            raise RecipeError(f"{where}.models: by default this step reads {latest_unsaved!r}, which "
+                              f"{unsaved[latest_unsaved]} does not save (save_model: false); name the models: this "
+                              "step reads, or save that model", where=source)
         step.models = step.models or _default_models(step.stage, known_models, steps, list(models))
         for model in step.models:
+            if model in unsaved:
+                raise RecipeError(f"{where}.models: {model!r} is never saved ({unsaved[model]} has save_model: false)",
+                                  where=source)
             if model not in known_models:
                 raise RecipeError(f"{where}.models: unknown model {model!r}" + did_you_mean(model, known_models), where=source)
         if step.data is None and data:
@@ -224,12 +234,44 @@ def _validate_steps(steps_raw: list, manager: Manager, models: dict, data: dict,
             raise RecipeError(f"{where}.name: duplicate step name {step.name!r}", where=source)
         names.add(step.name)
         if step.stage in OUTPUT_MODEL:
+            named = step.output_model is not None
             step.output_model = step.output_model or _fresh_name(OUTPUT_MODEL[step.stage], known_models, index)
             if step.output_model in models:
                 raise RecipeError(f"{where}.as: {step.output_model!r} is already a recipe model", where=source)
-            known_models.append(step.output_model)
+            latest_unsaved = None
+            if getattr(step.options, "save_model", True) is False:  # e.g. prune's report-only mode
+                if named:
+                    raise RecipeError(f"{where}.as: names a model this step does not save (save_model: false)", where=source)
+                unsaved[step.output_model] = where
+                latest_unsaved = step.output_model
+                step.output_model = None
+            else:
+                known_models.append(step.output_model)
         steps.append(step)
     return steps
+
+
+def _check_objectives(steps: list[Step], models: dict, registries: Registries, source: str) -> None:
+    """Each step's objective reads an output its models return (checked from configs, no weights)."""
+    from surgery.models.embeddings import LOGITS, outputs_of
+    from surgery.models.loading import architecture_of
+    from surgery.models.objectives import output_field
+
+    origin = {name: name for name in models}
+    for step in steps:
+        name = getattr(step.options, "objective", None)
+        if isinstance(name, str):
+            needed = output_field(registries.objectives.get(name))
+            for model in step.models:
+                spec = models.get(origin.get(model, ""))
+                architecture = architecture_of(spec, registries.models) if spec is not None else None
+                if architecture is not None and needed not in outputs_of(architecture):
+                    hint = ("it has no LM head; for an embedding model use objective: embedding-distortion"
+                            if needed == LOGITS else "it returns logits; this objective needs a bare encoder")
+                    raise RecipeError(f"steps[{step.index}].{step.stage}.objective: {name!r} reads the model's {needed}, "
+                                      f"but model {model!r} ({spec.path}) is a {architecture}: {hint}", where=source)
+        if step.output_model and step.models:
+            origin[step.output_model] = origin.get(step.models[0], step.models[0])
 
 
 def _parse_step(item: Any, index: int, manager: Manager, where: str, source: str) -> Step:
@@ -286,7 +328,7 @@ def _validate_options(
     except pydantic.ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
-        raise RecipeError(f"{where}.{loc}: {err['msg']} (got {err.get('input')!r})", where=source) from None
+        raise RecipeError(f"{where}.{loc}: {err['msg']} (got {_short_repr(err.get('input'), 80)})", where=source) from None
 
 
 def _default_models(stage: str, known: list[str], previous: list[Step], recipe_models: list[str]) -> list[str]:
@@ -300,6 +342,30 @@ def _default_models(stage: str, known: list[str], previous: list[Step], recipe_m
 
 def _fresh_name(base: str, taken: list[str], index: int) -> str:
     return base if base not in taken else f"{base}-{index}"
+
+
+def _check_string_keys(raw: dict[str, Any], source: str) -> None:
+    """Every mapping key in the recipe is a string (YAML reads ``1:``, ``null:`` and ``yes:`` as
+    others); the first that is not is named with its location."""
+    stack: list[tuple[Any, str]] = [(raw, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    place = f"{where}: key" if where else "key"
+                    raise RecipeError(f"{place} {_short_repr(key)} is not a string ({type(key).__name__}; quote it)",
+                                      where=source)
+                stack.append((item, f"{where}.{key}" if where else key))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
+
+
+def _short_repr(value: Any, limit: int = 40) -> str:
+    if isinstance(value, int) and abs(value).bit_length() > 64:
+        return f"an integer of {abs(value).bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_keys(raw: dict[str, Any], allowed: set[str], source: str, prefix: str) -> None:

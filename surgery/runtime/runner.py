@@ -8,12 +8,17 @@ Run directory layout::
       00-capture-fam/             tensors.safetensors, meta.json, done.json, plots, model/
       01-score-fam/ ...
 
-A step is finished when its ``done.json`` exists; it records the step's fingerprint (stage, plugin,
-normalised options, model fingerprints, data spec, seed, and the previous step's fingerprint) and
-the size of every file the step wrote. A re-run reuses a finished step whose fingerprint is
+A step is finished when its ``done.json`` exists; it records the plugin and the validated options
+the step ran with, the step's fingerprint (stage, plugin, normalised options, model fingerprints,
+data spec, seed, and the previous step's fingerprint) and the size of every file the step wrote. A re-run reuses a finished step whose fingerprint is
 unchanged and whose files are all there with their recorded sizes. Steps are written into a
 temporary directory and renamed into place, so a crash never leaves a directory that looks
 finished, and a file cut short later is never read as valid.
+
+The fingerprint includes the plugin's identity (distribution version, or a hash of a local plugin
+file), so an edited plugin runs again; ``force`` (``surgery run --force [STEP]``) computes a step
+and those after it again regardless. While it runs, rank 0 holds ``<output>/.lock``
+(:mod:`surgery.core.runlock`): a second run on the same directory stops with one line.
 
 A step that fails leaves nothing behind: its temporary directory is removed, and so is the run
 directory when this run created it and no step finished. Errors carry the recipe file and the step.
@@ -21,9 +26,11 @@ Non-finite values are handled by :mod:`surgery.core.guards` under the recipe's `
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -36,6 +43,8 @@ from surgery.core import distributed, guards
 from surgery.core.artifacts import Artifact
 from surgery.core.errors import PluginError, SurgeryError, located
 from surgery.core.io import read_json, write_json
+from surgery.core.registry import did_you_mean
+from surgery.core.runlock import LOCK_FILE, RunLock
 from surgery.models.loading import LoadedModel, fingerprint, load_model, resolve_path
 from surgery.runtime.context import StepContext
 from surgery.runtime.manager import Manager
@@ -49,8 +58,10 @@ LOG_FILE = "run.log"
 class Run:
     """State of one recipe execution: loaded models, finished artifacts, the report."""
 
-    def __init__(self, recipe: Recipe, manager: Manager, device: str | None = None, quiet: bool | None = None) -> None:
+    def __init__(self, recipe: Recipe, manager: Manager, device: str | None = None, quiet: bool | None = None,
+                 force: str | None = None) -> None:
         self.recipe = recipe
+        self.force_from = first_forced(recipe, force)  # steps from this index on are computed again
         self.manager = manager
         self.device = device or recipe.device
         self.quiet = quiet
@@ -120,6 +131,7 @@ class Run:
         data = self.recipe.data.get(step.data) if step.data else None
         record = {
             "version": VERSION, "stage": step.stage, "plugin": step.plugin,
+            "plugin_identity": self.manager.identity(step.plugin),
             "options": step.options.model_dump(mode="json"), "models": {m: self.model_fingerprint(m) for m in step.models},
             "named_models": {m: self.model_fingerprint(m) for m in self._models_named_in(step)},
             "data": data.model_dump(mode="json") if data is not None else None, "inputs": step.inputs,
@@ -130,22 +142,31 @@ class Run:
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
     def execute(self) -> dict[str, Any]:
-        """Run every step in order; return the report."""
+        """Run every step in order, holding the run directory's lock; return the report."""
         distributed.init_from_env(self.device)
         created = not self.output.exists()
         try:
-            self.output.mkdir(parents=True, exist_ok=True)
+            _make_run_dir(self.output)
+            lock = RunLock(self.output, self.log) if distributed.rank() == 0 else contextlib.nullcontext()
+            lock.__enter__()
+        except SurgeryError as exc:
+            if created:
+                shutil.rmtree(self.output, ignore_errors=True)
+            raise located(exc, self.recipe.source) from None
+        try:
             self.log(f"run {self.recipe.name!r} from {self.recipe.source}")
             previous = ""
             for step in self.recipe.steps:
                 previous = self.step_fingerprint(step, previous)
                 self._run_step(step, previous)
+            self.log("done")
         except Exception as exc:
             self._discard_partial(created, exc)
             if isinstance(exc, SurgeryError):
                 raise located(exc, self.recipe.source) from exc
             raise
-        self.log("done")
+        finally:
+            lock.__exit__(None, None, None)
         return self.report
 
     def _discard_partial(self, created: bool, exc: Exception) -> None:
@@ -157,15 +178,18 @@ class Run:
         if distributed.rank() != 0:
             return
         left = {path.name for path in self.output.iterdir()} if self.output.is_dir() else set()
-        if created and left <= {LOG_FILE, REPORT_FILE}:
+        if created and left <= {LOG_FILE, REPORT_FILE, LOCK_FILE}:
             shutil.rmtree(self.output, ignore_errors=True)
         else:
-            self.log(f"failed: {exc}")
+            try:
+                self.log(f"failed: {exc}")
+            except SurgeryError:
+                pass  # the original error is the one to report
 
     def _run_step(self, step: Step, fp: str) -> None:
         final = self.output / step.dirname
         start = time.perf_counter()
-        artifact = _reusable(final, fp)
+        artifact = None if step.index >= self.force_from else _reusable(final, fp)
         status = "reused"
         if artifact is None:
             self._compute(step, final, fp)
@@ -214,7 +238,8 @@ class Run:
         if artifact.model_dir is None and ctx.saved_model is not None:
             artifact.model_dir = ctx.saved_model
         artifact.save(tmp)
-        done = {"fingerprint": fp, "finished": _now(), "files": _file_sizes(tmp)}
+        done = {"fingerprint": fp, "finished": _now(), "files": _file_sizes(tmp), "plugin": step.plugin,
+                "options": step.options.model_dump(mode="json")}
         if found.findings:
             done["nonfinite"] = found.findings
         write_json(tmp / DONE_FILE, done)
@@ -236,9 +261,11 @@ class Run:
     def log(self, message: str) -> None:
         if distributed.rank() != 0:
             return
-        self.output.mkdir(parents=True, exist_ok=True)
-        with open(self.output / LOG_FILE, "a", encoding="utf-8") as handle:
-            handle.write(f"{_now()} {message}\n")
+        try:
+            with open(self.output / LOG_FILE, "a", encoding="utf-8") as handle:
+                handle.write(f"{_now()} {message}\n")
+        except OSError as exc:
+            raise SurgeryError(f"{self.output / LOG_FILE}: cannot write: {exc.strerror or exc}") from None
 
 
 class UniformWeighter:
@@ -291,9 +318,35 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def first_forced(recipe: Recipe, force: str | None) -> int:
+    """The index of the first step ``--force`` recomputes: every step for ``all`` (or an empty
+    value), else the step named, numbered or whose directory is ``force``; ``len(steps)`` for none."""
+    if force is None:
+        return len(recipe.steps)
+    if force in ("", "all"):
+        return 0
+    for step in recipe.steps:
+        if force in (step.name, str(step.index), step.dirname):
+            return step.index
+    choices = list(dict.fromkeys(name for step in recipe.steps for name in (step.name, step.dirname)))
+    raise SurgeryError(f"--force {force!r}: no such step" + did_you_mean(force, choices), where=recipe.source)
+
+
+def _make_run_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise SurgeryError(f"{path}: exists and is not a directory (or lies under a file)") from None
+    except OSError as exc:
+        raise SurgeryError(f"{path}: cannot create the run directory: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SurgeryError(f"{path}: the run directory is not writable")
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def run_recipe(recipe: Recipe, manager: Manager, device: str | None = None, quiet: bool | None = None) -> dict[str, Any]:
-    return Run(recipe, manager, device, quiet).execute()
+def run_recipe(recipe: Recipe, manager: Manager, device: str | None = None, quiet: bool | None = None,
+               force: str | None = None) -> dict[str, Any]:
+    return Run(recipe, manager, device, quiet, force).execute()

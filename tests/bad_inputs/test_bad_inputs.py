@@ -20,7 +20,7 @@ import surgery.runtime.runner
 CORPUS = Path(__file__).parent
 CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text(encoding="utf-8"))
 CORPUS_DIRS = ("recipes", "data", "models", "sae", "plugins")
-BASE_RECIPES = ("merge.yaml", "probe-loss.yaml", "capture-mean.yaml", "tune.yaml")
+BASE_RECIPES = ("merge.yaml", "probe-loss.yaml", "capture-mean.yaml", "tune.yaml", "fam-cluster.yaml")
 SIZE = {"hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2}
 
 
@@ -127,6 +127,9 @@ def forbid_loading(monkeypatch):
 def test_bad_input(case, corpus, tmp_path, monkeypatch, request, surgery_cli):
     if case["kind"] == "recipe":
         request.getfixturevalue("forbid_loading")
+    for name, value in case.get("env", {}).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SURGERY_ALLOW_DOWNLOAD", "0")  # restored after the case, whatever the CLI sets
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -141,11 +144,14 @@ def test_bad_input(case, corpus, tmp_path, monkeypatch, request, surgery_cli):
     assert len(lines) == 1, result.err
     line = lines[0]
     assert line.startswith("error: "), line
-    if args[0] in ("run", "validate"):
+    if case["kind"] == "usage":  # click's usage errors name the command, not a recipe
+        assert line.startswith(f"error: surgery"), line
+    elif args[0] in ("run", "validate") and case["kind"] != "cli":
         assert line.startswith(f"error: {args[1]}: "), line
     for fragment in case["expect"]:
         assert fragment in line, f"{fragment!r} not in {line!r}"
-    assert list(work.iterdir()) == [], "the failed command left files in the working directory"
+    left = sorted(path.name for path in work.iterdir())
+    assert left == sorted(case.get("leaves", [])), "the failed command left files in the working directory"
     assert listing(corpus) == before, "the failed command wrote into the corpus"
 
 
@@ -153,7 +159,7 @@ def test_corpus_is_complete():
     """At least 50 distinct cases, and every corpus file is used by a case."""
     ids = [case["id"] for case in CASES]
     assert len(ids) >= 50 and len(set(ids)) == len(ids)
-    assert {case["kind"] for case in CASES} == {"recipe", "data", "model", "sae", "run", "cli"}
+    assert {case["kind"] for case in CASES} == {"recipe", "data", "model", "sae", "run", "cli", "usage"}
     named = " ".join(" ".join(case["args"]) for case in CASES)
     unused = [f"recipes/{p.name}" for p in (CORPUS / "recipes").iterdir() if p.name not in named]
     named += " ".join(p.read_text(encoding="utf-8", errors="replace") for p in (CORPUS / "recipes").iterdir())

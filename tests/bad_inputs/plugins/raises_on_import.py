@@ -1,0 +1,2 @@
+"""A local plugin whose own code raises while it is imported."""
+raise ValueError("this plugin refuses to load")
