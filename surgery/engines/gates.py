@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-import nnsight
 import torch
 
 from surgery.models.adapters import envoy_at
@@ -193,6 +192,8 @@ def _wrapped(model: torch.nn.Module) -> Any:
     if model not in _WRAPPED:
         with warnings.catch_warnings():  # BERT's `output` children: adapters.envoy_at knows them as E_output
             warnings.filterwarnings("ignore", message=".*has a submodule named 'output'")
+            import nnsight  # imported on first use: loading every plugin should not pay for it
+
             _WRAPPED[model] = nnsight.NNsight(model)
     return _WRAPPED[model]
 
