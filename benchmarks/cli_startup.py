@@ -46,7 +46,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--recipe", action="append", default=None, help="recipe(s) to validate")
+    parser.add_argument("--smoke", action="store_true", help="one round (the figures mean nothing)")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats = 1
     recipes = args.recipe or ["recipes/linear.yaml"]
     surgery = str(Path(sys.executable).with_name("surgery"))
     python = sys.executable
@@ -75,7 +78,7 @@ def main() -> None:
         walls, cpus = [w for w, _ in values], [c for _, c in values]
         median = statistics.median(walls)
         print(f"{name:<44} {median:>13.3f} {min(walls):>10.3f} {statistics.median(cpus):>12.3f} "
-              f"{median / torch_median:>20.2f}")
+              f"{median / torch_median:>19.2f}x")
     print(f"{'first surgery plugins (builds the index)':<44} {first:>13.3f} {'':>10} {first_cpu:>12.3f}")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -106,6 +107,18 @@ def _checked_device(device: str | None) -> str | None:
         raise SurgeryError(str(exc), where="--device") from None
 
 
+def _check_nproc(nproc: int, device: str) -> None:
+    """No more processes than CUDA devices (for a CUDA run) or CPU cores: each one loads the models."""
+    if device.startswith("cuda"):
+        import torch
+
+        limit, what = torch.cuda.device_count(), "CUDA devices"
+    else:
+        limit, what = os.cpu_count() or 1, "CPU cores"
+    if nproc > limit:
+        raise SurgeryError(f"{nproc} processes, more than the {limit} {what} here", where="--nproc")
+
+
 def _output_line(path: Path) -> str:
     return f"{path}{resolved_note(path)}"
 
@@ -133,6 +146,7 @@ def run(recipe: str, overrides: tuple[str, ...], swaps: tuple[str, ...], plugin_
     first_forced(parsed, force)  # an unknown step name fails here, before anything runs
     _quiet_transformers()
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _check_nproc(nproc, device or parsed.device)
         sys.exit(_relaunch_with_torchrun(nproc))
     report = run_recipe(parsed, manager, device, force=force)
     if distributed.rank() != 0:
@@ -302,7 +316,10 @@ def _type_name(annotation: object) -> str:
         return "|".join(str(a) for a in typing.get_args(annotation))
     if isinstance(annotation, type):
         return annotation.__name__
-    return str(annotation).replace("typing.", "")
+    text = str(annotation).replace("typing.", "")
+    # a per-layer/per-tensor merge setting (surgery.engines.merge_params.Setting): its description says the forms
+    text = re.sub(r"Annotated\[(.*?), BeforeValidator\(.*?\)\]", r"\1", text)
+    return re.sub(r"Union\[float, list\[float\], list\[[\w.]*Conditional\]\]", "setting", text)
 
 
 def _short(value: object) -> str:

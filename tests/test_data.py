@@ -53,7 +53,7 @@ def load(tmp_path: Path, seed: int = 0, **entry) -> list[dict]:
 def test_spec_strips_builtin_and_validates_source_options(tmp_path):
     spec = parse_data_spec({"source": "builtin:stdlib-text", "words": 32, "max_samples": 5}, registries().data_sources, tmp_path)
     assert spec.source == "stdlib-text"
-    assert spec.options == {"words": 32, "shuffle": True}
+    assert spec.options == {"words": 32, "shuffle": True, "part": "all"}
     assert spec.max_samples == 5
 
 
@@ -278,3 +278,10 @@ def test_batches_match_the_zoo_training_encoding(task):
     assert torch.equal(batch["answer_mask"].bool(), reference["answer_mask"])
     if "pixel_values" in reference:
         assert torch.equal(batch["pixel_values"], reference["pixel_values"])
+
+
+def test_stdlib_text_halves_are_disjoint_and_cover_every_passage(tmp_path):
+    whole = {ex["text"] for ex in load(tmp_path, source="stdlib-text", words=32)}
+    halves = [{ex["text"] for ex in load(tmp_path, source="stdlib-text", words=32, part=part)} for part in ("a", "b")]
+    assert not halves[0] & halves[1] and halves[0] | halves[1] <= whole and all(halves)
+    assert len(whole) - len(halves[0] | halves[1]) < 0.01 * len(whole)

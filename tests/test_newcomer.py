@@ -24,6 +24,10 @@ SHELL_BLOCKS = ("", "bash", "sh", "shell", "console")
 
 SKIPPED = {
     "surgery zoo build": "trains every zoo entry (minutes on an empty cache); `surgery zoo build tiny-llama/task-a -j 1` is run",
+    "surgery suite build": "fine-tunes SmolLM2 four times (many minutes on 2 cores); tests/test_suite.py builds on a tiny model",
+    "surgery suite build --seeds 0,1,2": "fine-tunes SmolLM2 twelve times; tests/test_suite.py builds on a tiny model",
+    "surgery eval builtin:smollm2-135m builtin:smollm2-135m/add --evaluator suite --n 64":
+        "fine-tunes SmolLM2 on an empty cache; tests/test_suite.py runs the suite evaluator in a recipe",
     "surgery run recipes/fam.yaml --nproc 2": "starts two processes that each import torch; tests/test_distributed.py runs "
                                               "`surgery run --nproc 2` and checks it against one process",
 }

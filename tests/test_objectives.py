@@ -9,7 +9,7 @@ from plugin_registries import get_objective
 from tiny_models import build, make_batch
 
 from surgery.core.errors import DataError, PluginError
-from surgery.models.objectives import IGNORE_INDEX, Objective
+from surgery.models.objectives import IGNORE_INDEX, Objective, flat_nll, token_nll
 from surgery.plugins.objectives import CausalLM, MaskedDiffusion, MaskedLM
 
 MASK_ID = 5
@@ -121,3 +121,46 @@ def test_masked_diffusion_mask_share_follows_t_and_its_loss_is_unbiased():
     full_nll = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean()
     estimate = MaskedDiffusion().loss(logits, prepared).mean()
     assert abs(float(estimate / full_nll) - 1) < 0.05
+
+
+def sampled_49k_batch() -> tuple[torch.Tensor, dict]:
+    """A tiny Llama with SmolLM2's 49152-token vocabulary and logits of a real model's spread
+    (std ~3), run on tokens sampled from itself so the losses are those of fluent text."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 3.0 / 8)
+        ids = torch.randint(0, 49152, (4, 1), generator=generator(1))
+        for _ in range(40):
+            probs = torch.softmax(model(input_ids=ids).logits[:, -1].double(), -1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator(ids.shape[1]))], 1)
+        logits = model(input_ids=ids).logits
+    return logits, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_causal_lm_on_a_49k_vocabulary_matches_a_float64_oracle():
+    logits, batch = sampled_49k_batch()
+    objective = CausalLM()
+    prepared = objective.prepare(batch, generator())
+    oracle_bt = F.cross_entropy(logits[:, :-1].double().flatten(0, 1), batch["input_ids"][:, 1:].flatten(),
+                                reduction="none").view(4, -1)
+    nll_bt, _ = token_nll(logits[:, :-1], batch["input_ids"][:, 1:])
+    assert ((nll_bt.double() - oracle_bt).abs() / oracle_bt).max() <= 1e-5
+    loss_b = objective.loss(logits, prepared)
+    assert ((loss_b.double() - oracle_bt.mean(1)).abs() / oracle_bt.mean(1)).max() <= 1e-6
+    # the gradient w.r.t. the logits is softmax - onehot (the float64 value)
+    leaf = logits[:1, :-1].clone().requires_grad_(True)
+    token_nll(leaf, batch["input_ids"][:1, 1:])[0].sum().backward()
+    expected = torch.softmax(leaf.detach().double(), -1) - F.one_hot(batch["input_ids"][:1, 1:], 49152)
+    assert (leaf.grad.double() - expected).abs().max() <= 1e-6
+
+
+def test_flat_nll_handles_a_vocabulary_that_is_not_a_multiple_of_the_block():
+    logits = torch.randn(5, 1000, generator=generator(2)) * 4
+    labels = torch.randint(0, 1000, (5,), generator=generator(3))
+    oracle = F.cross_entropy(logits.double(), labels, reduction="none")
+    assert torch.allclose(flat_nll(logits, labels).double(), oracle, rtol=1e-6)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -179,3 +180,29 @@ def test_suite_names_are_registered_builtins():
 
     models = registries().models
     assert "smollm2-135m/shift@s2" in models and "smollm2-135m/reverse" in models
+
+
+def test_merge_table_recipes_validate(monkeypatch):
+    """Every row of benchmarks/merge_suite.py is a valid recipe on the suite (nothing is loaded)."""
+    import importlib.util
+
+    from plugin_registries import manager as shared_manager
+    from surgery.runtime.recipe import validate
+
+    path = Path(__file__).parent.parent / "benchmarks" / "merge_suite.py"
+    spec = importlib.util.spec_from_file_location("merge_suite", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "merge_suite", bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    for method in bench.METHODS:
+        sets = [["add", "spell"]] + ([list(TASKS)] if not method.max_models else [])
+        for tasks in sets:
+            for value in method.grid or (None,):
+                raw = bench.candidate_recipe(method, tasks, 1, value, 4, 8)
+                recipe = validate(raw, shared_manager(), base_dir=bench.RECIPES, source=method.name, output="unused")
+                assert [step.stage for step in recipe.steps][-2:] == ["evaluate", "evaluate"]
+    assert bench.split_figures({"steps": [
+        {"stage": "fuse", "seconds": 2.0, "figures": {}},
+        {"stage": "evaluate", "seconds": 1.0, "figures": {"m/add": 0.5}},
+        {"stage": "evaluate", "seconds": 1.0, "figures": {"m/add": 0.25}}]}) == {
+        "validation": {"m/add": 0.5}, "test": {"m/add": 0.25}, "seconds": 2.0}

@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-import nnsight
 import torch
 
 from surgery.models.adapters import envoy_at
@@ -32,6 +31,7 @@ from surgery.models.adapters import envoy_at
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
 
 LossFn = Callable[[torch.Tensor, dict], torch.Tensor]  # (logits_btv, batch) -> loss_b
+# a loss function with an ``output`` attribute receives that model output field instead of the logits
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,8 @@ def _run(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict,
             rows, tokens = x_rtd.shape[0], x_rtd.shape[1]
             g = gate.to(x_rtd.dtype).view(rows, 1, site.units, 1)
             envoy.input = (x_rtd.view(rows, tokens, site.units, site.unit_dim) * g).view(x_rtd.shape)
-        logits_btv = nm.output.logits.save()
-    return loss_fn(logits_btv, batch)
+        output_bt = getattr(nm.output, getattr(loss_fn, "output", "logits")).save()
+    return loss_fn(output_bt, batch)
 
 
 def evaluate_points(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict,
@@ -192,6 +192,8 @@ def _wrapped(model: torch.nn.Module) -> Any:
     if model not in _WRAPPED:
         with warnings.catch_warnings():  # BERT's `output` children: adapters.envoy_at knows them as E_output
             warnings.filterwarnings("ignore", message=".*has a submodule named 'output'")
+            import nnsight  # imported on first use: loading every plugin should not pay for it
+
             _WRAPPED[model] = nnsight.NNsight(model)
     return _WRAPPED[model]
 
@@ -219,3 +221,13 @@ def rows_per_chunk(memory_mb: float, tokens: int, layers: int, hidden: int, ffn:
     per_token = layers * (12 * hidden + 3 * ffn + 2 * heads * tokens) + 3 * vocab
     per_row = max(1, tokens * per_token * bytes_per_value)
     return max(1, int(memory_mb * 2**20 // per_row))
+
+
+def gated_forward(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict,
+                  gates: Sequence[torch.Tensor | None], loss_fn: LossFn) -> torch.Tensor:
+    """Per-row losses ``[rows]``, differentiable in ``gates`` (a function of the gates for attribution
+    libraries such as captum); call it under :func:`frozen_parameters` so parameters get no gradients."""
+    return _run(model, sites, batch, list(gates), loss_fn)
+
+
+frozen_parameters = _frozen

@@ -46,6 +46,7 @@ from surgery.core.artifacts import Artifact
 from surgery.core.errors import RecipeError, SurgeryError
 from surgery.core.io import read_tensors, write_json, write_tensors
 from surgery.models.adapters import ModelView
+from surgery.models.objectives import flat_nll
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -428,7 +429,7 @@ def _next_token_nll(logits_btv: torch.Tensor, batch: dict) -> tuple[float, int]:
     if batch.get("answer_mask") is not None:
         keep_bt = keep_bt & batch["answer_mask"].bool()
     keep_bt = keep_bt[:, 1:].to(logits_btv.device)
-    nll_bt = F.cross_entropy(logits_btv[:, :-1].float().transpose(1, 2), ids_bt[:, 1:], reduction="none")
+    nll_bt = flat_nll(logits_btv[:, :-1].flatten(0, 1), ids_bt[:, 1:].flatten()).view(ids_bt[:, 1:].shape)
     return float(nll_bt[keep_bt].sum()), int(keep_bt.sum())
 
 

@@ -90,6 +90,15 @@ def resolve_path(spec: ModelSpec, models: Registry) -> Path | str:
     return Path(spec.path) if Path(spec.path).exists() else spec.path
 
 
+def architecture_of(spec: ModelSpec, models: Registry) -> str | None:
+    """The model class a spec loads, from its config or its builder alone (None: unknown offline)."""
+    from surgery.models.embeddings import architecture_in
+
+    if spec.path.startswith(BUILTIN):
+        return getattr(models.get(spec.path[len(BUILTIN):]), "architecture", None)
+    return architecture_in(Path(spec.path)) if Path(spec.path).is_dir() else None
+
+
 @dataclass
 class LoadedModel:
     name: str

@@ -6,7 +6,12 @@
 - ``stdlib-text``: natural English from the Python standard library's documentation
   (``pydoc_data.topics``), cut into passages of ``words`` words; needs no file. Passages are cut in
   topic order, then shuffled with the data seed (``shuffle: false`` keeps topic order). The text is
-  that of the running Python version.
+  that of the running Python version. ``part: a`` / ``part: b`` keep only the even / odd topics (in
+  sorted order), two disjoint halves: attribute on one, judge on the other.
+- ``stdlib-pairs``: (first sentence, rest of the paragraph) pairs of the documentation's prose
+  paragraphs (``part``: a, b or all topics, default a; ``min_words``), as two consecutive examples
+  each (query, then document), pairs shuffled with the data seed: for a contrastive objective.
+  Keep ``max_samples`` and ``batch_size`` even.
 - ``image-text``: ``{"image": "cat.png", "text": ...}`` per line; the image path is relative to the
   JSONL file. PNG/JPEG need Pillow and give [3, H, W] in [0, 1]; ``.npy`` (loaded without pickle)
   and ``.safetensors`` (one tensor, or the one named ``pixel_values``) hold a [C, H, W] array as is.
@@ -15,10 +20,9 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
@@ -27,6 +31,7 @@ from surgery.core.errors import DataError
 from surgery.core.options import Options
 from surgery.models.data import DataSpec, read_jsonl, require_path, string_field
 from surgery.core.lazy import lazy
+from surgery.models.stdlib_text import paragraph_pairs, stdlib_passages
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +44,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 class StdlibTextOptions(Options):
     words: int = Field(64, ge=4, le=4096, description="words per passage")
     shuffle: bool = Field(True, description="shuffle passages with the data seed")
+    part: Literal["all", "a", "b"] = Field("all", description="all topics, or the even (a) / odd (b) half of them")
+
+
+class StdlibPairsOptions(Options):
+    part: Literal["all", "a", "b"] = Field("a", description="all topics, or the even (a) / odd (b) half of them")
+    min_words: int = Field(30, ge=4, description="shortest paragraph used")
+    shuffle: bool = Field(True, description="shuffle the pairs with the data seed")
 
 
 class ImageTextOptions(Options):
@@ -50,6 +62,7 @@ def register_data_sources(register):
     register("jsonl", load_jsonl)
     register("preference", load_preference)
     register("stdlib-text", load_stdlib_text, StdlibTextOptions)
+    register("stdlib-pairs", load_stdlib_pairs, StdlibPairsOptions)
     register("image-text", load_image_text, ImageTextOptions)
 
 
@@ -85,27 +98,19 @@ def load_preference(spec: DataSpec, seed: int) -> list[dict]:
 def load_stdlib_text(spec: DataSpec, seed: int) -> list[dict]:
     if spec.path is not None:
         raise DataError("source 'stdlib-text' takes no 'path'")
-    passages = stdlib_passages(spec.options["words"])
+    passages = stdlib_passages(spec.options["words"], spec.options.get("part", "all"))
     if spec.options["shuffle"]:
         random.Random(seed).shuffle(passages)
     return [{"text": passage} for passage in passages]
 
 
-def stdlib_passages(words_per_passage: int) -> list[str]:
-    """Passages of ``words_per_passage`` words from each documentation topic, in topic order.
-
-    A topic's last, shorter passage is kept when it has at least half the words.
-    """
-    from pydoc_data.topics import topics
-
-    passages = []
-    for key in sorted(topics):
-        words = topics[key].split()
-        for start in range(0, len(words), words_per_passage):
-            chunk = words[start:start + words_per_passage]
-            if len(chunk) * 2 >= words_per_passage:
-                passages.append(" ".join(chunk))
-    return passages
+def load_stdlib_pairs(spec: DataSpec, seed: int) -> list[dict]:
+    if spec.path is not None:
+        raise DataError("source 'stdlib-pairs' takes no 'path'")
+    pairs = paragraph_pairs(spec.options["part"], spec.options["min_words"])
+    if spec.options["shuffle"]:
+        random.Random(seed).shuffle(pairs)
+    return [{"text": text} for pair in pairs for text in pair]
 
 
 # --- image-text -------------------------------------------------------------------------------

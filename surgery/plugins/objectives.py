@@ -1,4 +1,4 @@
-"""Built-in objectives: ``causal-lm``, ``masked-lm`` and ``masked-diffusion``.
+"""Built-in objectives: ``causal-lm``, ``masked-lm``, ``masked-diffusion`` and ``embedding-distortion``.
 
 - ``causal-lm``: next-token NLL, ``labels`` shifted by one, averaged over the row's counted
   positions (``labels != -100``; without ``labels``, every real token).
@@ -11,6 +11,17 @@
   ``loss_b = (1/t_b) * sum_{masked} NLL / n_b`` with n_b the row's maskable-token count: an unbiased
   estimate of the diffusion ELBO term, to be used with a bidirectional model.
 
+- ``embedding-distortion`` (embedding models, e.g. sentence-transformers MiniLM): ``1 - cos(e, e_ref)``
+  per row, with ``e`` the pooled final hidden states of the (gated, pruned) model and ``e_ref`` the
+  unmodified model's, pooled as the checkpoint implies (:func:`surgery.embeddings.pooling_mode`;
+  mean over real tokens for MiniLM). 0 when nothing changed; reads ``last_hidden_state``.
+
+- ``embedding-contrastive``: the in-batch contrastive loss sentence-transformers models are trained
+  with (MultipleNegativesRankingLoss, symmetric): rows come in (query, document) pairs, rows 2k and
+  2k+1 (data source ``stdlib-pairs``); with ``s_kj = cos(q_k, d_j) / temperature`` (0.05) a query
+  row's loss is ``-log softmax_j(s_kj)[k]`` and a document row's ``-log softmax_j(s_jk)[k]``. Rows of
+  one batch repeated for several gate settings (point-major) are contrasted within their own copy.
+
 The mask token id comes from ``batch["mask_token_id"]`` (data loaders set it from the tokenizer);
 an objective built with ``MaskedLM(mask_token_id=...)`` uses its own id when the batch has none.
 ``prepare`` also records ``mask_ratio`` ``[B]`` and ``num_tokens`` ``[B]`` (masked-diffusion).
@@ -21,10 +32,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from surgery import hookimpl
 from surgery.core.errors import DataError
-from surgery.models.objectives import IGNORE_INDEX, default_labels, row_mean, token_nll
+from surgery.engines.gates import model_inputs
+from surgery.models.embeddings import HIDDEN, pool, pooling_mode
+from surgery.models.objectives import IGNORE_INDEX, default_labels, read_output, row_mean, token_nll
 
 
 @hookimpl
@@ -32,6 +46,8 @@ def register_objectives(register: Callable[..., None]) -> None:
     register("causal-lm", CausalLM())
     register("masked-lm", MaskedLM())
     register("masked-diffusion", MaskedDiffusion())
+    register("embedding-distortion", EmbeddingDistortion())
+    register("embedding-contrastive", EmbeddingContrastive())
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,55 @@ class MaskedDiffusion:
     def loss(self, logits_btv: torch.Tensor, batch: dict) -> torch.Tensor:
         nll_bt, _ = token_nll(logits_btv, batch["labels"])
         return nll_bt.sum(1) / (batch["mask_ratio"] * batch["num_tokens"].clamp(min=1))
+
+
+@dataclass(frozen=True)
+class EmbeddingDistortion:
+    name: str = "embedding-distortion"
+    output: str = HIDDEN
+
+    def prepare(self, batch: dict, generator: torch.Generator) -> dict:
+        return dict(batch)
+
+    def reference(self, model: torch.nn.Module, batch: dict, directory=None) -> dict:
+        mode = pooling_mode(directory, model)
+        with torch.no_grad():
+            hidden_btd = read_output(model(**model_inputs(batch, model)), self.output)
+        return {"reference_bd": pool(hidden_btd, batch["attention_mask"], mode).detach(), "pooling": mode}
+
+    def loss(self, hidden_btd: torch.Tensor, batch: dict) -> torch.Tensor:
+        if "reference_bd" not in batch:
+            raise DataError(f"objective {self.name!r} needs the unmodified model's embeddings "
+                            f"(the batch has no 'reference_bd'; prepare it with surgery.objectives.with_reference)")
+        e_bd = pool(hidden_btd, batch["attention_mask"], batch["pooling"])
+        reference_bd = batch["reference_bd"].to(e_bd.device).float()
+        return 1.0 - F.cosine_similarity(e_bd, reference_bd, dim=-1, eps=1e-12)
+
+
+@dataclass(frozen=True)
+class EmbeddingContrastive:
+    name: str = "embedding-contrastive"
+    output: str = HIDDEN
+    temperature: float = 0.05
+
+    def prepare(self, batch: dict, generator: torch.Generator) -> dict:
+        rows = batch["input_ids"].shape[0]
+        if rows % 2:
+            raise DataError(f"objective {self.name!r} needs (query, document) row pairs: a batch has {rows} rows; "
+                            f"keep batch_size and max_samples even")
+        return {**batch, "row_index": torch.arange(rows)}
+
+    def reference(self, model: torch.nn.Module, batch: dict, directory=None) -> dict:
+        return {"pooling": pooling_mode(directory, model)}
+
+    def loss(self, hidden_btd: torch.Tensor, batch: dict) -> torch.Tensor:
+        rows = int(batch["row_index"].max()) + 1
+        e_rd = F.normalize(pool(hidden_btd, batch["attention_mask"], batch["pooling"]), dim=-1)
+        e_pkd = e_rd.view(-1, rows // 2, 2, e_rd.shape[-1])  # [copies, pairs, (query, document), D]
+        sim_pkj = e_pkd[:, :, 0] @ e_pkd[:, :, 1].transpose(1, 2) / self.temperature
+        query_pk = -sim_pkj.log_softmax(-1).diagonal(dim1=1, dim2=2)
+        document_pk = -sim_pkj.log_softmax(1).diagonal(dim1=1, dim2=2)
+        return torch.stack([query_pk, document_pk], dim=-1).reshape(-1)
 
 
 def maskable(batch: dict) -> torch.Tensor:

@@ -18,6 +18,10 @@ units pruned first come first; a plan prunes the first ``round(fraction * units)
   plugin, repeat until ``max_fraction`` or until the objective rises more than ``max_increase``
   (relative) above the unpruned model; the round that crossed it is undone.
 - ``random``: a seeded random order (the floor every strategy must beat).
+- ``layer-matched-random``: as many units of each layer as an earlier prune step removed there
+  (``inputs: {prune: STEP}``, else the latest prune step), chosen at random within the layer: the
+  control that separates *how many per layer* from *which ones* in a strategy's result.
+
 
 Outputs: ``masked`` (pruned heads' columns of the output projection and pruned neurons'
 down-projection columns zeroed; stock ``from_pretrained`` loads it) or ``compact`` (weights sliced,
@@ -45,6 +49,7 @@ from surgery.engines.attribution import loss_function, points_per_chunk, prepare
 from surgery.engines.diagnostics import save_curve
 from surgery.engines.gates import GateSite, evaluate_points, model_inputs
 from surgery.models.adapters import ModelView, module_at, neuron_slices, out_proj_head_axis
+from surgery.models.objectives import read_output
 from surgery.models.pruned import compact_model, pruned_view
 
 Mask = torch.Tensor  # bool [layers, max units], True = pruned
@@ -214,7 +219,8 @@ class Evaluator:
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in self.batches:
-                total += float(self.loss_fn(module(**model_inputs(batch, module)).logits, batch).double().sum())
+                output = read_output(module(**model_inputs(batch, module)), self.loss_fn.output)
+                total += float(self.loss_fn(output, batch).double().sum())
                 count += batch["input_ids"].shape[0]
         return total / count
 
@@ -428,6 +434,48 @@ class Random(_Prune):
         return random_order(units.total, seed)
 
 
+class LayerMatchedOptions(PruneOptions):
+    seed: int | None = Field(None, description="draw seed (default: the recipe seed)")
+    curve: list[float] = Field(default_factory=list, description="(unused: the plan copies another step's counts)")
+
+
+class LayerMatchedRandom(_Prune):
+    """Random units with the same count per layer as an earlier prune step's plan."""
+
+    name = "layer-matched-random"
+    options_class = LayerMatchedOptions
+    needs_scores = False
+
+    def plan(self, ctx, units, scores, evaluator):
+        opts = ctx.options
+        counts = matched_counts(ctx.upstream("prune"), units, ctx.where)
+        seed = ctx.seed if opts.seed is None else opts.seed
+        mask = layer_matched_mask(units, counts, seed)
+        if opts.output == "compact":
+            order = sorted(range(units.total), key=lambda i: (not mask[units.flat_index()[i]], i))
+            mask = compactable(units, mask, ranks_of(units, order))
+        return mask, curve_of(units, evaluator, [units.empty_mask(), mask]), {"matched_counts": counts}
+
+
+def matched_counts(artifact: Artifact, units: Units, where: str) -> list[int]:
+    """Units pruned per layer by an earlier prune step (checked against this model's units)."""
+    meta = artifact.meta
+    if meta.get("target") != units.target or list(meta.get("units_per_layer", [])) != units.counts:
+        raise SurgeryError(f"{where}: the matched prune step pruned {meta.get('target')} of layers "
+                           f"{meta.get('units_per_layer')}; this step has {units.target} of {units.counts}")
+    return [int(c) for c in meta["pruned_per_layer"]]
+
+
+def layer_matched_mask(units: Units, counts: Sequence[int], seed: int) -> Mask:
+    """``counts[l]`` random units of each layer l (one generator, layer by layer)."""
+    generator = random.Random(seed)
+    mask = units.empty_mask()
+    for l, (n, count) in enumerate(zip(units.counts, counts)):
+        for u in generator.sample(range(n), count):
+            mask[l, u] = True
+    return mask
+
+
 class Layerwise(_Prune):
     """Prune a different ratio of each layer's heads by depth (shallow 20% / middle 30% / deep 15%)."""
 
@@ -606,5 +654,6 @@ def register_architectures(register: Callable[..., None]) -> None:
 magnitude = Magnitude()
 sign_aware = SignAware()
 random_prune = Random()
+layer_matched_random = LayerMatchedRandom()
 layerwise = Layerwise()
 iterative = Iterative()

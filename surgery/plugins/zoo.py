@@ -93,7 +93,10 @@ def _builder(name: str):
 
         return zoo.build(name, cache_dir)
 
+    from surgery.models.zoo.catalog import MODEL_CLASSES, get_entry
+
     build.__doc__ = f"Train (first use) or load zoo entry {name!r}; returns its directory."
+    build.architecture = MODEL_CLASSES[get_entry(name).arch]  # read by validation, which loads nothing
     return build
 
 

@@ -219,6 +219,7 @@ def validate(
     if not isinstance(out, str):
         raise RecipeError("output: expected a directory path", where=source)
     steps = _validate_steps(steps_raw, manager, models, data, source)
+    _check_objectives(steps, models, manager.registries, source)
     output_path = Path(out)  # relative to the working directory, like any CLI output path
     _wrap(lambda: check_output(output_path), source, "--output" if output else "output")
     return Recipe(name, seed, plugins, models, data, steps, output_path, device, base_dir, source, on_nonfinite,
@@ -272,6 +273,29 @@ def _validate_steps(steps_raw: list, manager: Manager, models: dict, data: dict,
                 known_models.append(step.output_model)
         steps.append(step)
     return steps
+
+
+def _check_objectives(steps: list[Step], models: dict, registries: Registries, source: str) -> None:
+    """Each step's objective reads an output its models return (checked from configs, no weights)."""
+    from surgery.models.embeddings import LOGITS, outputs_of
+    from surgery.models.loading import architecture_of
+    from surgery.models.objectives import output_field
+
+    origin = {name: name for name in models}
+    for step in steps:
+        name = getattr(step.options, "objective", None)
+        if isinstance(name, str):
+            needed = output_field(registries.objectives.get(name))
+            for model in step.models:
+                spec = models.get(origin.get(model, ""))
+                architecture = architecture_of(spec, registries.models) if spec is not None else None
+                if architecture is not None and needed not in outputs_of(architecture):
+                    hint = ("it has no LM head; for an embedding model use objective: embedding-distortion"
+                            if needed == LOGITS else "it returns logits; this objective needs a bare encoder")
+                    raise RecipeError(f"steps[{step.index}].{step.stage}.objective: {name!r} reads the model's {needed}, "
+                                      f"but model {model!r} ({spec.path}) is a {architecture}: {hint}", where=source)
+        if step.output_model and step.models:
+            origin[step.output_model] = origin.get(step.models[0], step.models[0])
 
 
 def _parse_step(item: Any, index: int, manager: Manager, where: str, source: str) -> Step:

@@ -34,6 +34,11 @@ TASK_A, TASK_B, TASK_C = "reverse", "sort", "add"
 LLAVA_TASKS = ("colour", "shape", "shape", "shape") + BASE_TASKS  # shape is repeated: it is the slow one
 
 
+# the transformers class each architecture builds (validation reads it; nothing is imported)
+MODEL_CLASSES = {"llama": "LlamaForCausalLM", "llada": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM", "llava": "LlavaForConditionalGeneration"}
+
+
 @dataclass(frozen=True)
 class Entry:
     """How one zoo model is made. ``language_lr`` is the language model's rate in a LLaVA."""
