@@ -186,12 +186,13 @@ def test_kill_in_capture(crashes):
     assert STEPS[0] not in killed.dirs and f".{STEPS[0]}.tmp" in killed.dirs
 
 
-def test_kill_in_fuse_leaves_a_half_written_shard(crashes):
+def test_kill_in_fuse_leaves_an_unfinished_step_with_only_complete_shards(crashes):
     killed = crashes["fuse"]
     assert killed.status == -9, killed.log
     assert statuses(killed.report) == ["ran"] * 4  # the capture killed before was run again
     assert STEPS[4] not in killed.dirs
-    assert crashes["shards"] == {"model-00001.safetensors": True, "model-00002.safetensors": False}  # cut short
+    # shards are written in place into temporary files and get their names only when complete
+    assert crashes["shards"] and all(crashes["shards"].values()), crashes["shards"]
 
 
 def test_resume_after_fuse_kill_reuses_finished_steps(crashes):
