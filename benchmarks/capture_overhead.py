@@ -31,9 +31,9 @@ REGISTRIES = Manager().registries
 from surgery.engines.capture import Capture, mlp_activations, mlp_write_projection
 
 
-def build_model() -> torch.nn.Module:
-    config = transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
-                                      num_attention_heads=8, num_key_value_heads=8)
+def build_model(layers: int = 8, hidden: int = 256, vocab: int = 1024) -> torch.nn.Module:
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -58,15 +58,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks that the script runs")
     args = parser.parse_args()
+    sizes = {"layers": 2, "hidden": 32, "vocab": 128} if args.smoke else {}
+    rows, tokens = (2, 16) if args.smoke else (8, 128)
+    if args.smoke:
+        args.repeats = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = build_model().to(device)
+    model = build_model(**sizes).to(device)
     layers = REGISTRIES.view(model).layers
     generator = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(0, 1024, (8, 128), generator=generator).to(device),
-             "attention_mask": torch.ones(8, 128, dtype=torch.long, device=device)}
+    vocab = model.config.vocab_size
+    batch = {"input_ids": torch.randint(0, vocab, (rows, tokens), generator=generator).to(device),
+             "attention_mask": torch.ones(rows, tokens, dtype=torch.long, device=device)}
 
     unwrapped = copy.deepcopy(model)  # nnsight installs a forward wrapper on every module it wraps
 
@@ -88,7 +94,9 @@ def main() -> None:
     rounds = [[median_ms(run, args.repeats, device) for run in runs] for _ in range(3)]
     bare_ms, empty_ms, plain_ms, fam_ms = (statistics.median(r[i] for r in rounds) for i in range(len(runs)))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"model: llama 8 layers, hidden 256, intermediate 1024; batch 8 x 128; {where}")
+    config = model.config
+    print(f"model: llama {config.num_hidden_layers} layers, hidden {config.hidden_size}, intermediate "
+          f"{config.intermediate_size}; batch {rows} x {tokens}; {where}")
     print(f"{'bare forward':<44}{bare_ms:9.1f} ms   1.00x")
     print(f"{'nnsight trace, nothing read':<44}{empty_ms:9.1f} ms   {empty_ms / bare_ms:.2f}x")
     print(f"{'capture MLP activations (mean, m2)':<44}{plain_ms:9.1f} ms   {plain_ms / bare_ms:.2f}x   (goal <= 1.10)")

@@ -162,8 +162,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32, help="SAE TopK and FPO's top-k")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks that the script runs")
     args = parser.parse_args()
-    results = [run_isolated(loss, args) for loss in LOSSES]
+    if args.smoke:  # in this process: a fresh one per loss costs more than the tiny steps
+        vars(args).update(vocab=256, hidden=64, layers=1, batch=2, seq=16, expansion=2, k=4, steps=1)
+    results = [measure(loss, args) if args.smoke else run_isolated(loss, args) for loss in LOSSES]
     base = results[0]
     print(f"device {args.device}; vocab {args.vocab}, hidden {args.hidden}, layers {args.layers}, "
           f"batch {args.batch} x seq {args.seq} (half response), SAE {args.expansion * args.hidden} features, k {args.k}")

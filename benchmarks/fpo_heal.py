@@ -20,6 +20,8 @@ import torch
 
 RECIPES = {"fpo": "recipes/fpo-heal.yaml", "dpo": "recipes/dpo-heal.yaml"}
 TASKS = ("copy", "reverse", "sort", "inc")
+SMOKE = ["data.probe.n=16", "data.probe.batch_size=16", "data.prefs.samples=8", "data.prefs.batch_size=4",
+         "steps.0.epochs=1", "steps.0.expansion=1", "steps.2.epochs=1", "steps.3.n=4"]
 
 
 def run(recipe: str, seed: int, output: Path, overrides: list[str]) -> dict:
@@ -39,7 +41,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override for both")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.seeds, args.overrides = [0], SMOKE + args.overrides
     torch.set_num_threads(1)  # tiny models: one thread is fastest, and the figures do not depend on the core count
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -183,17 +183,18 @@ def main() -> None:
         pairs = make_pairs(base, pruned, args.pairs, args.prompt_words, args.new_tokens)
         prefs.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     print(f"{len(prefs.read_text().splitlines())} preference pairs, e.g. {prefs.read_text().splitlines()[0]}")
-    sae_dirs = {}
-    for layer, seed in [(args.eval_layer, 100)] + [(-1, s) for s in args.seeds]:
+    def train_sae(layer: int, seed: int) -> Path:
         out = args.work / f"sae-{layer}-{seed}"
         run_recipe_dict(sae_recipe(args.model, layer, seed), args.work / f"sae-{layer}-{seed}.yaml", out)
-        sae_dirs[(layer, seed)] = next(out.glob("00-capture-sae")) / "sae"
-    judge_sae = load_sae(sae_dirs[(args.eval_layer, 100)])
+        return next(out.glob("00-capture-sae")) / "sae"
+
+    judge_sae = load_sae(train_sae(args.eval_layer, 100))
     objective = manager().registries.objectives.get("causal-lm")
     batches = heldout_batches(base.tokenizer, args.heldout, 32)
     results = {"none": [], **{loss: [] for loss in args.losses}}
-    for seed in args.seeds:
-        own = load_sae(sae_dirs[(-1, seed)])
+    for seed in args.seeds:  # seed by seed, so an interrupted run has every loss for its first seeds
+        own_dir = train_sae(-1, seed)
+        own = load_sae(own_dir)
         saes = {"judge": (judge_sae, lambda m: site_path(manager().registries.view(m), args.eval_layer)),
                 "own": (own, lambda m: site_path(manager().registries.view(m), -1))}
         if seed == args.seeds[0]:
@@ -201,13 +202,14 @@ def main() -> None:
         results["none"].append(judge(pruned.module, base.module, batches, saes, objective))
         for loss in args.losses:
             out = args.work / f"heal-{loss}-{seed}"
-            report = run_recipe_dict(tune_recipe(loss, seed, pruned_dir, prefs, sae_dirs[(-1, seed)], args),
+            report = run_recipe_dict(tune_recipe(loss, seed, pruned_dir, prefs, own_dir, args),
                                      args.work / f"heal-{loss}-{seed}.yaml", out)
             healed = load("healed", str(next(out.glob("00-tune-preference")) / "model"))
             figures = judge(healed.module, base.module, batches, saes, objective)
             figures["pref_accuracy_after"] = report["steps"][0]["figures"]["pref_accuracy_after"]
             results[loss].append(figures)
-            print(loss, seed, json.dumps(figures))
+            print(loss, seed, json.dumps(figures), flush=True)
+            (args.work / "results.json").write_text(json.dumps(results, indent=1))
             del healed
     (args.work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nheld-out: {args.heldout} passages of the odd documentation topics, 32 tokens; "

@@ -77,7 +77,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(seq=8, points=2, layers=2, hidden=32, heads=2, repeats=1)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

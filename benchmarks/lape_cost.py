@@ -73,7 +73,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(inputs=2, paths=2, len_min=2, len_max=4, batch_size=2, repeats=1)
     torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model, args.device)
     model_view = REGISTRIES.view(model)

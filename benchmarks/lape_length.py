@@ -84,7 +84,10 @@ def main() -> None:
     parser.add_argument("--len-min", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(inputs=2, paths=2, len_min=2, batch_size=2)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         lengths_raw = recipe(args, 0, [{"name": f"len{n}", "len_max": n} for n in LEN_MAX], Path(scratch) / "len")

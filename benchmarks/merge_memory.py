@@ -106,7 +106,10 @@ def main() -> None:
     parser.add_argument("--max-shard-mb", type=float, default=None)
     parser.add_argument("--sizes", action="store_true", help="compare two model sizes 4x apart (multi-shard inputs)")
     parser.add_argument("--input-shard-mb", type=int, default=40, help="--sizes: input checkpoint shard size")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(hidden=64, layers=2, vocab=256)
     if args.sizes:
         compare_sizes(args.hidden, args.layers, args.vocab, args.input_shard_mb, args.max_shard_mb or 8.0)
         return

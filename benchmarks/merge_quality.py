@@ -112,6 +112,19 @@ ROWS = [
 ]
 
 
+SMOKE_ROWS = ("linear", "fam")  # --smoke: one baseline and one FAM row (the verdict compares them)
+SMOKE_SAMPLES = 8  # --smoke: every data entry of a recipe capped at this many examples
+
+
+def smoke_data(raw: dict) -> dict:
+    """``raw`` with every data entry capped at ``SMOKE_SAMPLES`` examples."""
+    for spec in raw.get("data", {}).values():
+        for key in ("n", "max_samples", "samples"):
+            if key in spec:
+                spec[key] = min(spec[key], SMOKE_SAMPLES)
+    return raw
+
+
 def evaluation_steps(model: str, tasks: list[str], examples: int) -> list[dict]:
     return [
         {"evaluate": {"plugin": "tasks", "models": [model], "tasks": tasks, "n": examples}},
@@ -241,16 +254,17 @@ def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def run_pair(pair: str, examples: int, output: Path, only: list[str] | None = None) -> None:
+def run_pair(pair: str, examples: int, output: Path, only: list[str] | None = None, smoke: bool = False) -> None:
     fixtures = dict(ZOO) if pair == "zoo" else stress_fixtures()
-    rows = evaluate_inputs(fixtures, examples, output / pair / "inputs", LLAVA if pair == "zoo" else None)
+    rows = evaluate_inputs(fixtures, examples, output / pair / "inputs", LLAVA if pair == "zoo" and not smoke else None)
     for row in ROWS:
         if pair not in row.pairs or (only and row.name not in only):
             continue
         # one directory per recipe: rows of the same recipe reuse its merge steps
-        report = run_raw(prepared_recipe(row, fixtures, examples), output / pair / row.directory())
+        raw = prepared_recipe(row, fixtures, examples)
+        report = run_raw(smoke_data(raw) if smoke else raw, output / pair / row.directory())
         rows[row.name] = figures_of(report, row.model)
-    columns = [TASK_A, TASK_B, *OTHER_TASKS] + sorted({t for r in ROWS if pair in r.pairs for t in r.tasks})
+    columns = [TASK_A, TASK_B, *OTHER_TASKS] + sorted({t for r in ROWS if pair in r.pairs and r.name in rows for t in r.tasks})
     print(f"\n## pair: {pair} ({examples} held-out examples per task)\n")
     print(table(rows, columns))
     print("\n" + verdict(rows))
@@ -263,12 +277,18 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path(tempfile.gettempdir()) / "merge-quality",
                         help="run directories (finished steps are reused on a re-run)")
     parser.add_argument("--rows", nargs="+", metavar="NAME", help="run only these rows (method names of ROWS)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:  # the zoo pair, two rows, a few examples, a fresh directory
+        args.pair, args.examples, args.rows = "zoo", 4, args.rows or list(SMOKE_ROWS)
+        args.output = Path(tempfile.mkdtemp(prefix="merge-quality-smoke-"))
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     for pair in (["zoo", "stress"] if args.pair == "both" else [args.pair]):
-        run_pair(pair, args.examples, args.output, args.rows)
+        run_pair(pair, args.examples, args.output, args.rows, args.smoke)
+    if args.smoke:
+        shutil.rmtree(args.output, ignore_errors=True)
 
 
 if __name__ == "__main__":

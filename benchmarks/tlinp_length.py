@@ -58,7 +58,7 @@ class SkipFirst:
         return SkipFirstWeighter()
 
 
-def run(weighting: str, alpha: float, model: str, output: Path) -> Path:
+def run(weighting: str, alpha: float, model: str, output: Path, passages: int | None = None) -> Path:
     """Run the recipe with the given weight step; finished steps are reused on a re-run."""
     import yaml
 
@@ -68,6 +68,8 @@ def run(weighting: str, alpha: float, model: str, output: Path) -> Path:
 
     raw = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
     raw["models"]["lm"] = model
+    for spec in raw["data"].values() if passages else ():
+        spec["max_samples"] = passages
     raw["steps"][0] = {"weight": {"plugin": "tlinp", "alpha": alpha} if weighting == "tlinp" else {"plugin": weighting}}
     manager = Manager()
     manager.register(SkipFirst(), "skip-first")
@@ -103,15 +105,21 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:smollm2-135m")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--output", type=Path, default=Path(tempfile.gettempdir()) / "tlinp-length")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks that the script runs")
     args = parser.parse_args()
+    passages = 64
+    if args.smoke:  # the zoo's tiny model, a few passages, a fresh directory
+        args.model, passages = "builtin:tiny-llama/base", 4
+        args.output = Path(tempfile.mkdtemp(prefix="tlinp-length-smoke-"))
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     labels = {"uniform": "uniform (plain mean)", "tlinp": f"tlinp (alpha {args.alpha})",
               "skip-first": "uniform, first token dropped"}
-    results = {w: {name: length_variance(p) for name, p in profiles(run(w, args.alpha, args.model, args.output)).items()}
+    results = {w: {name: length_variance(p)
+                   for name, p in profiles(run(w, args.alpha, args.model, args.output, passages)).items()}
                for w in labels}
-    print(f"model {args.model}, max_tokens {', '.join(t[1:] for t in LENGTHS)}, 64 passages\n")
+    print(f"model {args.model}, max_tokens {', '.join(t[1:] for t in LENGTHS)}, {passages} passages\n")
     print("weighting | profile | var | rel | rel / uniform rel")
     print("--- | --- | --- | --- | ---")
     for weighting, label in labels.items():

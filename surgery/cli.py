@@ -64,6 +64,18 @@ def _checked_device(device: str | None) -> str | None:
         raise SurgeryError(str(exc), where="--device") from None
 
 
+def _check_nproc(nproc: int, device: str) -> None:
+    """No more processes than CUDA devices (for a CUDA run) or CPU cores: each one loads the models."""
+    if device.startswith("cuda"):
+        import torch
+
+        limit, what = torch.cuda.device_count(), "CUDA devices"
+    else:
+        limit, what = os.cpu_count() or 1, "CPU cores"
+    if nproc > limit:
+        raise SurgeryError(f"{nproc} processes, more than the {limit} {what} here", where="--nproc")
+
+
 def _output_line(path: Path) -> str:
     return f"{path}{resolved_note(path)}"
 
@@ -88,6 +100,7 @@ def run(recipe: str, overrides: tuple[str, ...], plugin_refs: tuple[str, ...], o
     parsed = load_recipe(recipe, manager, overrides, output)
     first_forced(parsed, force)  # an unknown step name fails here, before anything runs
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _check_nproc(nproc, device or parsed.device)
         sys.exit(_relaunch_with_torchrun(nproc))
     report = run_recipe(parsed, manager, device, force=force)
     if distributed.rank() != 0:

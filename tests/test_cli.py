@@ -27,7 +27,14 @@ def test_init_unknown_template(tmp_path, monkeypatch, surgery_cli):
 def test_swapping_a_method_is_one_override(tmp_path, monkeypatch, surgery_cli):
     monkeypatch.chdir(tmp_path)
     surgery_cli("init", "merge")
-    assert surgery_cli("validate", "merge.yaml", "--set", "steps.0.plugin=ties").exit_code == 0
+    overrides = ["--set", "steps.0.plugin=ties", "--set", "steps.0.density=0.3", "--set", "output=swapped"]
+    assert surgery_cli("validate", "merge.yaml", *overrides).exit_code == 0
+    result = surgery_cli("run", "merge.yaml", *overrides)
+    assert result.exit_code == 0, result.err
+    done = json.loads((tmp_path / "swapped" / "00-fuse-ties" / "done.json").read_text())
+    assert done["plugin"] == "ties"
+    assert done["options"]["density"] == 0.3  # not ties' default (0.2): the override reached the step
+    assert "plugin: linear" in (tmp_path / "merge.yaml").read_text()  # overrides leave the file as it was
 
 
 def test_eval_prints_accuracy_per_task(tmp_path, monkeypatch, surgery_cli):

@@ -215,6 +215,84 @@ def test_every_loss_raises_the_preference_margin(loss, reference):
     assert all(math.isfinite(x) for x in history["loss"])
 
 
+def _hand_fpo_terms(policy, reference, sae, part: dict, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(avg log-ratio [B], FPO constraint [B])`` of one side, computed without the tune code: log-probs
+    of the answer tokens, and the SAE features of the last block's output (a forward hook) pooled
+    over the answer tokens, compared on the union of both top-k sets."""
+    def answer_logps(model) -> torch.Tensor:
+        logp_btv = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits[:, :-1].log_softmax(-1)
+        return logp_btv.gather(-1, part["input_ids"][:, 1:, None]).squeeze(-1)
+
+    def pooled_features(model) -> torch.Tensor:
+        seen = []
+        handle = model.model.layers[-1].register_forward_hook(lambda m, i, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            model(input_ids=part["input_ids"], attention_mask=part["attention_mask"])
+        finally:
+            handle.remove()
+        features_btf = sae.encode(seen[0])
+        return (features_btf * answer_bt[..., None]).sum(1) / answer_bt.sum(1, keepdim=True)
+
+    answer_bt = (part["attention_mask"] * part["answer_mask"]).float()
+    mask_bt = answer_bt[:, 1:]
+    with torch.no_grad():
+        reference_logp = (answer_logps(reference) * mask_bt).sum(-1)
+        reference_features = pooled_features(reference)
+    avg_logratio = ((answer_logps(policy) * mask_bt).sum(-1) - reference_logp) / mask_bt.sum(-1)
+    features = pooled_features(policy)
+    union = torch.zeros_like(features, dtype=torch.bool)
+    union.scatter_(-1, features.detach().topk(k, -1).indices, True)
+    union.scatter_(-1, reference_features.topk(k, -1).indices, True)
+    constraint = ((features - reference_features) ** 2 * union).sum(-1) / union.sum(-1)
+    return avg_logratio, constraint
+
+
+def test_fpo_gradient_in_the_tune_loop_equals_autograd_of_the_formula_and_differs_from_dpo(reference):
+    """The tune loop's FPO gradient equals autograd of ``-log sig(beta (m - alpha (C_l - sg(C_w))))``
+    assembled by hand; on a drifted policy the penalty moves the gradient well away from the same loss
+    without it, and so would a gradient through C_w: a loss that dropped, flipped or leaked the
+    penalty fails here."""
+    from surgery.engines import tuning
+    from surgery.models.data import batches, split_preference
+    from surgery.models.zoo.tokenizer import build_tokenizer
+
+    policy = perturbed(reference, 0.3)
+    constraint = _fpo(reference, k=8)
+    with torch.no_grad():  # larger features: the penalty's share of the gradient is far above float32 noise
+        for p in constraint.sae.parameters():
+            p.mul_(5)
+    pairs = _pairs(4)
+    settings = tuning.TuneSettings(loss="fpo", alpha=10.0, batch_size=4, max_tokens=32)
+    beta, alpha = settings.effective_beta, settings.alpha
+    cache = tuning.reference_cache(reference, pairs, build_tokenizer(), settings, constraint, lambda it, *a, **k: it)
+    batch = next(batches(pairs, build_tokenizer(), 4, 32))
+    params = [p for p in policy.parameters() if p.requires_grad]
+
+    loss_b, _ = tuning.PreferenceLoss(settings, policy, None, constraint)(batch, cache, torch.arange(4))
+    tool = torch.autograd.grad(loss_b.mean(), params)
+
+    chosen, rejected = split_preference(batch)
+    m_w, c_w = _hand_fpo_terms(policy, reference, constraint.sae, chosen, 8)
+    m_l, c_l = _hand_fpo_terms(policy, reference, constraint.sae, rejected, 8)
+    assert float(c_l.detach().min()) > 0 and float(c_w.detach().min()) > 0  # the policy drifted: the penalty is live
+
+    def grad_of(z_b: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.autograd.grad(-F.logsigmoid(z_b).mean(), params, retain_graph=True, allow_unused=True))
+
+    oracle = grad_of(beta * ((m_w - m_l) - alpha * (c_l - c_w.detach())))
+    no_penalty = grad_of(beta * (m_w - m_l))
+    leaky = grad_of(beta * ((m_w - m_l) - alpha * (c_l - c_w)))
+
+    def distance(a, b) -> float:
+        return float(torch.sqrt(sum(((x if x is not None else 0) - (y if y is not None else 0)).double().square().sum()
+                                    for x, y in zip(a, b))))
+
+    norm = distance(tool, [torch.zeros_like(p) for p in params])
+    assert distance(tool, oracle) < 1e-4 * norm
+    assert distance(tool, no_penalty) > 0.05 * norm
+    assert distance(tool, leaky) > 0.05 * norm
+
+
 def test_resume_continues_exactly(tmp_path, reference):
     from surgery.engines import tuning
 

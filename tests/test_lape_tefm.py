@@ -289,27 +289,76 @@ def test_neuron_matrix_round_trips_and_follows_neuron_permutations():
         assert torch.equal(model.state_dict()[name], value), name
 
 
+def hand_merged_neurons(w_a, w_b, w_c, phi_a, phi_b, hess_b, grad_b, labels_a, labels_b, ensemble_map,
+                        beta, sigma, eps, lambda_proj, lambda_ortho):
+    """DESIGN §2.3's fuse written out one base ensemble at a time with plain loops (no code under test)."""
+    merged = w_a.clone()
+    for k in range(int(labels_a.max()) + 1):
+        p = int(ensemble_map[k])
+        members_a = [i for i in range(len(labels_a)) if labels_a[i] == k]
+        members_b = [j for j in range(len(labels_b)) if labels_b[j] == p]
+        mean_w_b = sum(w_b[j] for j in members_b) / len(members_b)
+        g_prime = sum(float(grad_b[j]) for j in members_b) / len(members_b)
+        tau = sum(w_b[j] - w_c[j] for j in members_b) / len(members_b) + sigma * g_prime * mean_w_b / mean_w_b.norm()
+        phi_b_p = sum(phi_b[j] for j in members_b) / len(members_b)
+        phi_a_k = sum(phi_a[i] for i in members_a) / len(members_a)
+        hess_b_p = sum(float(hess_b[j]) for j in members_b) / len(members_b)
+        interference = float((phi_b_p - phi_a_k).norm()) / (hess_b_p + eps)
+        mask = 1 - 1 / (1 + math.exp(-beta * interference))
+        d = sum(float(phi_a[i, 0]) * w_a[i] for i in members_a) / sum(abs(float(phi_a[i, 0])) for i in members_a)
+        tau_proj = mask * float(tau @ d) / (float(d @ d) + eps) * d
+        tau_ortho = tau - tau_proj
+        for i in members_a:
+            merged[i] = w_a[i] + lambda_proj * tau_proj + lambda_ortho * tau_ortho
+    return merged
+
+
 @pytest.mark.parametrize("with_parent", [False, True])
-def test_singleton_ensembles_without_mask_or_gradient_term_reduce_to_a_closed_form_merge(with_parent):
-    """beta = 0 gives M = 1/2 everywhere; with one neuron per ensemble, sigma = 0 and lambda_proj =
-    lambda_ortho = 1/2: W* = W_A + (tau_proj + tau - tau_proj)/2 = W_A + (W_B - W_C)/2 for every neuron."""
-    base, donor, parent = tiny(), tiny(noise=0.02, noise_seed=5), tiny(noise=0.02, noise_seed=6)
-    layer = view(base).layers[1]
+def test_fuse_equals_a_hand_computed_merge_on_planted_ensembles(with_parent):
+    """Every term of the fuse is live (tau != 0, sigma != 0, 0 < M < 1, lambda_proj != lambda_ortho,
+    a non-identity ensemble map and neuron permutation), so a wrong formula for any of them shows."""
+    from surgery.plugins.lape_tefm import MergedModel
+
+    base, donor, parent = tiny(), tiny(noise=0.05, noise_seed=5), tiny(noise=0.05, noise_seed=6)
+    base_view = view(base)
+    layer = base_view.layers[1]
     size = layer.mlp.intermediate_size
     slices = neuron_slices(base, layer.mlp)
     params = [dict(m.named_parameters()) for m in (base, donor, parent)]
     generator = torch.Generator().manual_seed(0)
-    phi = torch.randn(2, size, 3, generator=generator, dtype=torch.float64)
-    hess = phi[..., 2].abs() + 1
-    singletons = torch.arange(size)
+    phi_a, phi_b = (torch.randn(size, 3, generator=generator, dtype=torch.float64) for _ in range(2))
+    hess_a, hess_b = phi_a[:, 2].abs() + 1, phi_b[:, 2].abs() + 1
+    grad_b = torch.randn(size, generator=generator, dtype=torch.float64)
+    labels_a = torch.arange(size) % 4  # interleaved ensembles in the base, contiguous blocks in the donor
+    labels_b = torch.arange(size) * 4 // size
+    ensemble_map = torch.tensor([2, 0, 3, 1])
+    perm = torch.randperm(size, generator=generator)  # base neuron i <-> donor neuron perm[i]
+    opts = FuseOptions(beta=1.5, sigma=0.7, blend=0.5)
+    lambda_proj, lambda_ortho = 0.8, 0.3
     update = layer_update(layer, slices, params[0], params[1], params[2] if with_parent else None,
-                          phi_a_i3=phi[0], phi_b_j3=phi[1], hess_a_i=hess[0], hess_b_j=hess[1], grad_b_j=phi[1, :, 1],
-                          labels_a=singletons, labels_b=singletons, ensemble_map=singletons, perm=singletons,
-                          opts=FuseOptions(beta=0.0, sigma=0.0))
-    w_a, w_b, w_c = (neuron_matrix(p, slices, size) for p in params)
-    expected = w_a + (w_b - (w_c if with_parent else w_a)) / 2
-    assert torch.allclose(update.mask_k, torch.full((size,), 0.5, dtype=torch.float64))
-    assert torch.allclose(update.base_if + 0.5 * update.proj_if + 0.5 * update.ortho_if, expected, atol=1e-12)
+                          phi_a_i3=phi_a, phi_b_j3=phi_b, hess_a_i=hess_a, hess_b_j=hess_b, grad_b_j=grad_b,
+                          labels_a=labels_a, labels_b=labels_b, ensemble_map=ensemble_map, perm=perm, opts=opts)
+    assert ((update.mask_k > 0.1) & (update.mask_k < 0.9)).all() and update.mask_k.std() > 0.01
+    merged = MergedModel(base, donor, parent if with_parent else None, opts, base_view)
+    merged.updates.append(update)
+    merged.apply(lambda_proj, lambda_ortho)
+
+    w_a, w_b, w_p = (neuron_matrix(p, slices, size) for p in params)
+    w_c = w_p if with_parent else w_a[torch.argsort(perm)]  # donor neuron j's counterpart: the base neuron matched to it
+    expected = hand_merged_neurons(w_a, w_b, w_c, phi_a, phi_b, hess_b, grad_b, labels_a, labels_b, ensemble_map,
+                                   opts.beta, opts.sigma, opts.eps, lambda_proj, lambda_ortho)
+    got = neuron_matrix(merged.params, slices, size)
+    assert (expected - w_a).abs().max() > 1e-2  # the merge moves the neurons well beyond float32 rounding
+    assert torch.allclose(got, expected, rtol=0, atol=2e-6)
+    # the other layer's neurons are the base's; every other tensor is W_A + blend (W_B - W_C)
+    other = neuron_slices(base, base_view.layers[0].mlp)
+    assert torch.equal(neuron_matrix(merged.params, other, size), neuron_matrix(params[0], other, size))
+    neuron_names = {name for l in base_view.layers for name, _, _ in neuron_slices(base, l.mlp)}
+    reference = params[2] if with_parent else params[0]
+    for name, value in merged.params.items():
+        if name not in neuron_names:
+            blended = params[0][name].double() + 0.5 * (params[1][name].double() - reference[name].double())
+            assert torch.allclose(value.double(), blended, rtol=0, atol=1e-6), name
 
 
 # --- the recipe --------------------------------------------------------------------------------
@@ -356,6 +405,33 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "model.safetensors"))
 
 
+def assert_saved_merge_follows_the_formula(run_dir: Path, root: Path, merged, lambda_proj: float, lambda_ortho: float):
+    """Every fused layer's neurons in the saved model equal DESIGN's merge of the saved upstream
+    artifacts (base a, donor b, parent), computed by :func:`hand_merged_neurons`."""
+    from transformers import AutoModelForCausalLM
+
+    tensors = {stage: load_file(str(run_dir / name / "tensors.safetensors")) for stage, name in
+               (("capture", "00-capture-lape"), ("score", "01-score-lape-tefm"), ("cluster", "02-cluster-lape-tefm"),
+                ("align", "03-align-lape-tefm"))}
+    models = {name: AutoModelForCausalLM.from_pretrained(root / name) for name in ("a", "b", "parent")}
+    opts = FuseOptions()
+    layers = json.loads((run_dir / "04-fuse-lape-tefm" / "meta.json").read_text())["meta"]["layers"]
+    assert layers
+    for layer in layers:
+        mlp = view(merged).layers[layer].mlp
+        slices = neuron_slices(merged, mlp)
+        w_a, w_b, w_c = (neuron_matrix(dict(models[n].named_parameters()), slices, mlp.intermediate_size)
+                         for n in ("a", "b", "parent"))
+        expected = hand_merged_neurons(
+            w_a, w_b, w_c, tensors["capture"][f"a/{layer}/phi"].double(), tensors["capture"][f"b/{layer}/phi"].double(),
+            tensors["score"][f"b/{layer}/hess"].double(), tensors["score"][f"b/{layer}/grad"].double(),
+            tensors["cluster"][f"a/{layer}/labels"], tensors["cluster"][f"b/{layer}/labels"],
+            tensors["align"][f"b/{layer}/ensemble_map"], opts.beta, opts.sigma, opts.eps, lambda_proj, lambda_ortho)
+        got = neuron_matrix(dict(merged.named_parameters()), slices, mlp.intermediate_size)
+        assert (expected - w_a).abs().max() > 1e-4, layer
+        assert torch.allclose(got, expected, rtol=0, atol=1e-6), layer
+
+
 def test_recipe_runs_reloads_and_the_flat_step_moves_the_weights_by_eta(zoo_like, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -363,7 +439,7 @@ def test_recipe_runs_reloads_and_the_flat_step_moves_the_weights_by_eta(zoo_like
     report = run(zoo_like, tmp_path / "plain", pipeline(fixed))
     merged_dir = tmp_path / "plain" / "04-fuse-lape-tefm" / "model"
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    assert report["steps"][-1]["figures"]["lambda_proj"] == 0.7
+    assert_saved_merge_follows_the_formula(tmp_path / "plain", zoo_like, merged, fixed["lambda_proj"], fixed["lambda_ortho"])
     assert 0 < report["steps"][-1]["figures"]["mask_mean"] <= 0.5  # 1 - sigmoid(beta * Int), Int >= 0
     assert torch.isfinite(merged(input_ids=torch.tensor([prompts(1)[0]])).logits).all()
     labels = load_file(str(tmp_path / "plain" / "02-cluster-lape-tefm" / "tensors.safetensors"))
@@ -377,30 +453,51 @@ def test_recipe_runs_reloads_and_the_flat_step_moves_the_weights_by_eta(zoo_like
     assert [step["status"] for step in again["steps"]] == ["reused"] * 5
 
 
-def test_merging_a_model_with_itself_against_itself_gives_the_model(zoo_like, tmp_path):
-    """tau = W_B - W_C = 0 and sigma = 0: every neuron and tensor is the base's."""
-    steps = [{"capture": {"plugin": "lape", "models": ["a"], "paths": 2, "len_min": 2, "len_max": 4}},
-             {"score": {"plugin": "lape-tefm", "models": ["a"]}},
-             {"cluster": {"plugin": "lape-tefm", "models": ["a"], "k": 3}},
-             {"fuse": {"plugin": "lape-tefm", "models": ["a", "a"], "parent": "a", "sigma": 0.0, "search": "none"}}]
-    run(zoo_like, tmp_path / "self", steps)
-    base, merged = weights(zoo_like / "a"), weights(tmp_path / "self" / "03-fuse-lape-tefm" / "model")
-    for name in base:
-        assert torch.allclose(merged[name], base[name], atol=1e-7), name
+def test_lambda_search_picks_the_grid_point_whose_saved_merge_drifts_least(zoo_like, tmp_path):
+    """The drift of each grid point is measured here on the model the fuse saves at that point
+    (search: none), with the probe inputs the search uses; the search must report those values and
+    pick their minimum."""
+    from transformers import AutoModelForCausalLM
+
+    from plugin_registries import registries
+    from surgery.engines.preference import logit_mse
+    from surgery.models.data import DataSpec, batches, load_examples
+
+    grid = [0.0, 2.0]
+    spec = DataSpec(source="jsonl", path=str(zoo_like / "probe.jsonl"), batch_size=4, max_tokens=24)
+    probe = list(batches(load_examples(spec, 0, registries().data_sources)[:4], tokenizer(), 8, 24))
+    references = [AutoModelForCausalLM.from_pretrained(zoo_like / name).eval() for name in ("a", "b")]
+
+    @torch.no_grad()
+    def drift(model) -> float:
+        inputs = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in probe]
+        return sum(float(logit_mse(model(**x).logits, ref(**x).logits, b).double().mean())
+                   for ref in references for x, b in zip(inputs, probe)) / len(probe)
+
+    measured = {}
+    for lambda_proj in grid:
+        for lambda_ortho in grid:
+            fixed = {"search": "none", "lambda_proj": lambda_proj, "lambda_ortho": lambda_ortho}
+            run(zoo_like, tmp_path / "fixed", pipeline(fixed))
+            saved = AutoModelForCausalLM.from_pretrained(tmp_path / "fixed" / "04-fuse-lape-tefm" / "model").eval()
+            measured[(lambda_proj, lambda_ortho)] = drift(saved)
+    assert max(measured.values()) > 1.002 * min(measured.values())  # the grid points differ (by far more than rel)
+
+    run(zoo_like, tmp_path / "search", pipeline({"search": "logit-mse", "grid": grid, "search_inputs": 4}))
+    meta = json.loads((tmp_path / "search" / "04-fuse-lape-tefm" / "meta.json").read_text())
+    table = {(row[0], row[1]): row[2] for row in meta["meta"]["criterion"]}
+    assert table.keys() == measured.keys()
+    for point, value in measured.items():
+        assert table[point] == pytest.approx(value, rel=1e-4), point
+    assert (meta["figures"]["lambda_proj"], meta["figures"]["lambda_ortho"]) == min(measured, key=measured.get)
 
 
-def test_lambda_search_picks_the_grid_point_with_the_least_drift(zoo_like, tmp_path):
-    fuse = {"search": "logit-mse", "grid": [0.0, 0.5, 1.0], "search_inputs": 4}
-    run(zoo_like, tmp_path / "drift", pipeline(fuse))
-    meta = json.loads((tmp_path / "drift" / "04-fuse-lape-tefm" / "meta.json").read_text())
-    table = meta["meta"]["criterion"]
-    assert len(table) == 9 and all(math.isfinite(row[2]) for row in table)
-    best = min(table, key=lambda row: row[2])
-    assert [meta["figures"]["lambda_proj"], meta["figures"]["lambda_ortho"]] == best[:2]
+def test_var_g_search_fills_its_grid(zoo_like, tmp_path):
     run(zoo_like, tmp_path / "var", pipeline({"grid": [0.5, 1.0], "search_paths": 2, "search_inputs": 3,
                                               "pair_neurons": "align"}, parent=None))
     var_meta = json.loads((tmp_path / "var" / "04-fuse-lape-tefm" / "meta.json").read_text())
-    assert var_meta["meta"]["search"] == "var-g" and len(var_meta["meta"]["criterion"]) == 4
+    table = var_meta["meta"]["criterion"]
+    assert var_meta["meta"]["search"] == "var-g" and len(table) == 4 and all(math.isfinite(row[2]) for row in table)
 
 
 def test_unknown_constrain_plugin_and_missing_capture_are_one_line_errors(zoo_like, tmp_path):

@@ -37,3 +37,33 @@ def test_documented_plugin_runs_from_a_recipe(tmp_path, tiny_checkpoints, surger
     assert bad.exit_code == 2 and "steps[0].fuse.radius" in bad.err
     described = surgery_cli("describe", "nearest", "--plugin", str(tmp_path / "nearest_merge.py"))
     assert "radius" in described.out
+
+
+def test_documented_attribute_plugin_equals_ablation_at_one_half(tmp_path):
+    """The GateAttribution subclass in docs/plugins.md, registered on a manager, gives the built-in
+    ablation's scores at gate value 1/2 (the same quantity, L(1) - L(unit at 1/2))."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from attribution_fixtures import save_checkpoint, write_probe, write_recipe
+
+    from surgery.core.artifacts import Artifact
+    from surgery.runtime.manager import Manager
+    from surgery.runtime.recipe import load_recipe
+    from surgery.runtime.runner import run_recipe
+
+    blocks = re.findall(r"```python\n(import torch\nfrom surgery.engines.attribution import .*?)```", DOC.read_text(), re.S)
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "docs/plugins.md", "exec"), namespace)  # noqa: S102 - the documented example
+    manager = Manager()
+    manager.register(namespace["half_gate"], "half-gate")
+    model, probe = save_checkpoint(tmp_path / "model"), write_probe(tmp_path / "probe.jsonl", samples=4)
+    steps = [{"attribute": {"plugin": "half-gate"}}, {"attribute": {"plugin": "ablation", "value": 0.5}}]
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", model, probe, steps), manager, [], str(tmp_path / "run"))
+    run_recipe(recipe, manager, quiet=True)
+    ours = Artifact.load(tmp_path / "run" / "00-attribute-half-gate")
+    builtin = Artifact.load(tmp_path / "run" / "01-attribute-ablation")
+    assert ours.meta["method"] == "half-gate" and (tmp_path / "run" / "00-attribute-half-gate" / "heatmap.png").is_file()
+    assert ours.tensors["scores"].abs().max() > 0
+    assert torch.allclose(ours.tensors["scores"], builtin.tensors["scores"], rtol=1e-6, atol=1e-9)

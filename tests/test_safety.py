@@ -5,60 +5,96 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from plugin_registries import registries
 
 PACKAGE = Path(__file__).parent.parent / "surgery"
 
 
-def source_lines():
-    for path in sorted(PACKAGE.rglob("*.py")):
+# name -> (forbidden pattern, allowed form on the same line or None), checked on every source line
+RULES = {
+    "pickle": (r"\bimport pickle\b|\bfrom pickle\b|\bpickle\.|\bcPickle\b|\bdill\b", None),
+    "torch.load": (r"torch\.load\(", r"weights_only\s*=\s*True"),
+    "yaml": (r"(?<!\w)yaml\.(load|unsafe_load|full_load)\(|yaml\.Loader\b|UnsafeLoader|FullLoader", None),
+    "eval": (r"(?<![\w.])(eval|exec)\(", None),
+    "numpy": (r"\bnp\.load\(|\bnumpy\.load\(", r"allow_pickle\s*=\s*False"),
+    "shell": (r"shell\s*=\s*True|\bos\.system\(|\bos\.popen\(", None),
+    "remote code": (r"trust_remote_code\s*=\s*True", None),
+}
+
+
+def source_lines(root: Path = PACKAGE):
+    for path in sorted(root.rglob("*.py")):
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             code = line.split("#", 1)[0]
             if code.strip():
-                yield f"{path.relative_to(PACKAGE.parent)}:{number}", code
+                yield f"{path.relative_to(root.parent)}:{number}", code
 
 
-def offending(pattern: str, allowed: str | None = None) -> list[str]:
+def offending(rule: str, root: Path = PACKAGE) -> list[str]:
+    pattern, allowed = RULES[rule]
     found = []
-    for where, code in source_lines():
+    for where, code in source_lines(root):
         if re.search(pattern, code) and not (allowed and re.search(allowed, code)):
             found.append(f"{where}: {code.strip()}")
     return found
 
 
-def test_package_has_sources():
-    assert len(list(PACKAGE.rglob("*.py"))) > 10
+PLANTED = {  # rule -> (a line it must flag, a line it must let through)
+    "pickle": ("import pickle", "pickled = False"),
+    "torch.load": ("state = torch.load(path)", "state = torch.load(path, weights_only=True)"),
+    "yaml": ("data = yaml.load(text, Loader=yaml.Loader)", "data = yaml.safe_load(text)"),
+    "eval": ("value = eval(text)", "model.eval()"),
+    "numpy": ("array = np.load(path)", "array = np.load(path, allow_pickle=False)"),
+    "shell": ("subprocess.run(command, shell=True)", "subprocess.run([\"git\", \"status\"])"),
+    "remote code": ("AutoModel.from_pretrained(path, trust_remote_code=True)",
+                    "AutoModel.from_pretrained(path, trust_remote_code=spec.trust_remote_code)"),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_each_rule_flags_a_planted_offence_and_only_it(rule, tmp_path):
+    """The scan reads nested modules and reports the offending line, not its allowed neighbour."""
+    bad, good = PLANTED[rule]
+    package = tmp_path / "pkg" / "sub"
+    package.mkdir(parents=True)
+    (package / "mod.py").write_text(f"{good}\n{bad}  # a comment does not hide it\n# {bad}\n")
+    assert offending(rule, tmp_path / "pkg") == [f"pkg/sub/mod.py:2: {bad}"]
+
+
+def test_package_sources_are_scanned():
+    scanned = {where.split(":")[0] for where, _ in source_lines()}
+    assert {"surgery/cli.py", "surgery/runtime/runner.py", "surgery/models/loading.py"} <= scanned
 
 
 def test_no_pickle():
-    assert offending(r"\bimport pickle\b|\bfrom pickle\b|\bpickle\.|\bcPickle\b|\bdill\b") == []
+    assert offending("pickle") == []
 
 
 def test_torch_load_only_weights_only():
-    assert offending(r"torch\.load\(", allowed=r"weights_only\s*=\s*True") == []
+    assert offending("torch.load") == []
 
 
 def test_yaml_safe_load_only():
-    assert offending(r"(?<!\w)yaml\.(load|unsafe_load|full_load)\(|yaml\.Loader\b|UnsafeLoader|FullLoader") == []
+    assert offending("yaml") == []
 
 
 def test_no_eval_or_exec():
-    assert offending(r"(?<![\w.])(eval|exec)\(") == []
+    assert offending("eval") == []
 
 
 def test_remote_code_never_trusted_by_default():
-    hits = offending(r"trust_remote_code\s*=\s*True")
-    assert hits == []
+    assert offending("remote code") == []
     models = (PACKAGE / "models" / "loading.py").read_text()
     assert "trust_remote_code: bool = False" in models
 
 
 def test_numpy_never_unpickles():
-    assert offending(r"\bnp\.load\(|\bnumpy\.load\(", allowed=r"allow_pickle\s*=\s*False") == []
+    assert offending("numpy") == []
 
 
 def test_no_shell_commands():
-    assert offending(r"shell\s*=\s*True|\bos\.system\(|\bos\.popen\(") == []
+    assert offending("shell") == []
 
 
 def test_tokenizers_get_the_recipe_trust_flag():

@@ -35,14 +35,16 @@ def _absolute(path: Path) -> Path:
 
 
 def check_output(path: Path) -> Path:
-    """Refuse an output directory that is the filesystem root, an existing file, lies under a file
-    or cannot be written; return it unchanged otherwise."""
+    """Refuse an output directory that is the filesystem root, an existing file, a model checkpoint,
+    lies under a file or cannot be written; return it unchanged otherwise."""
     absolute = _absolute(path)
     label = f"{path}{resolved_note(path)}"
     if absolute == Path(absolute.anchor):
         raise SurgeryError(f"{label}: refusing to write a run into the filesystem root")
     if absolute.exists() and not absolute.is_dir():
         raise SurgeryError(f"{label}: exists and is a file, not a directory")
+    if (absolute / "config.json").is_file():
+        raise SurgeryError(f"{label}: holds a model checkpoint (config.json); a run would write among its files")
     existing = absolute
     while not existing.exists():
         existing = existing.parent

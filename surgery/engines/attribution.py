@@ -1,25 +1,29 @@
 """What every gate-attribution method shares: options, sites, batches, memory budget, artifact.
 
-An attribute plugin (``ig``, ``grad-x-act``, ``ablation``, ``shapley``, third-party ones) computes
-per-sample scores ``[B, sites, units]`` for each batch; this module prepares those batches, sizes the
-point chunks to the memory budget, gathers rows over data-parallel processes, and writes the common
-artifact (``scores`` ``[layers, units]`` with NaN padding, sign statistics, a heatmap) that
-``prune``, ``report`` and ``compare`` read.
+An attribute plugin (``ig``, ``grad-x-act``, ``ablation``, ``shapley``, third-party ones) subclasses
+:class:`GateAttribution` and writes only its math, ``attribute_batch(model, sites, batch, loss_fn)``:
+per-sample scores ``[B, sites, units]`` of one batch. The base class validates the options, prepares
+the batches, sizes the point chunks to the memory budget, shares the batches among data-parallel
+processes and gathers their rows, checks completeness where the method has it, and writes the common
+artifact (``scores`` ``[layers, units]``, sign statistics, a heatmap) that ``prune``, ``report`` and
+``compare`` read. The free functions below are the same pieces for plugins that need another shape.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence
+from typing import ClassVar, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from surgery.core.artifacts import Artifact
-from surgery.core.errors import SurgeryError
+from surgery.core.errors import DataError, SurgeryError
 from surgery.core.options import Options
 from surgery.engines.diagnostics import save_heatmap, sign_stats
 from surgery.engines.gates import GateSite, LossFn, head_sites, neuron_sites, rows_per_chunk
+from surgery.hookspecs import hookimpl
 from surgery.models.objectives import IGNORE_INDEX, ObjectiveLoss, with_reference
 
 
@@ -39,6 +43,18 @@ class Attribution:
     @staticmethod
     def concat(parts: list["Attribution"]) -> "Attribution":
         return Attribution(*(torch.cat([getattr(p, f) for p in parts]) for f in ("per_sample", "loss_full", "loss_base")))
+
+
+def baseline_values(kind: str, sites: Sequence[GateSite], value: float = 0.0, seed: int = 0) -> list[torch.Tensor]:
+    """The baseline gate of every unit of every site: 0, ``value``, or U(0, 1) drawn with ``seed``."""
+    if kind == "zero":
+        return [torch.zeros(s.units, dtype=torch.float64) for s in sites]
+    if kind == "scalar":
+        return [torch.full((s.units,), float(value), dtype=torch.float64) for s in sites]
+    if kind == "random":
+        generator = torch.Generator().manual_seed(seed)
+        return [torch.rand(s.units, generator=generator, dtype=torch.float64) for s in sites]
+    raise ValueError(f"unknown baseline {kind!r}")
 
 
 def completeness(attribution: Attribution, per_layer: bool) -> dict:
@@ -150,12 +166,14 @@ def _valid(scores_lu: torch.Tensor, units: list[int]) -> torch.Tensor:
 
 
 def gather_rows(ctx, parts: dict[int, Attribution], rows_per_batch: list[int], sites: Sequence[GateSite],
-                per_layer: bool) -> Attribution:
+                per_layer: bool | int) -> Attribution:
     """All batches' per-sample rows in data order. Each data-parallel process fills the rows of its
-    own batches in zero tensors and the all-reduced sum fills the rest (exact: one non-zero term)."""
+    own batches in zero tensors and the all-reduced sum fills the rest (exact: one non-zero term).
+    ``per_layer``: a ``loss_base`` column per site (True) or one (False), or the number of columns."""
     n = sum(rows_per_batch)
+    groups = (len(sites) if per_layer else 1) if isinstance(per_layer, bool) else per_layer
     full = Attribution(torch.zeros(n, len(sites), max(s.units for s in sites), dtype=torch.float64),
-                       torch.zeros(n, dtype=torch.float64), torch.zeros(n, len(sites) if per_layer else 1, dtype=torch.float64))
+                       torch.zeros(n, dtype=torch.float64), torch.zeros(n, groups, dtype=torch.float64))
     starts = np.cumsum([0, *rows_per_batch])
     for index, part in parts.items():
         for field in ("per_sample", "loss_full", "loss_base"):
@@ -166,3 +184,99 @@ def gather_rows(ctx, parts: dict[int, Attribution], rows_per_batch: list[int], s
 
 def loss_function(objective) -> LossFn:
     return ObjectiveLoss(objective)
+
+
+def zero_rows(sites: Sequence[GateSite], batch: dict) -> torch.Tensor:
+    """Per-sample scores of ``batch`` set to 0: ``[B, sites, max units]`` float64."""
+    rows = batch["input_ids"].shape[0]
+    return torch.zeros(rows, len(sites), max(s.units for s in sites), dtype=torch.float64)
+
+
+# --- the base class ---------------------------------------------------------------------------
+
+
+class GateAttribution:
+    """Base class of the attribute plugins over head or neuron gates.
+
+    A subclass sets ``method`` (the name in the artifact) and ``Options`` (an
+    :class:`AttributeOptions` subclass) and implements :meth:`attribute_batch`; per-step state (a
+    baseline, quadrature nodes, a generator) goes in :meth:`setup`. The ``attribute`` hook works on a
+    copy of the registered plugin, so ``self.options`` and that state belong to one step.
+    """
+
+    method: ClassVar[str] = ""
+    Options: ClassVar[type[AttributeOptions]] = AttributeOptions
+    shard_batches: ClassVar[bool] = True
+    """Each data-parallel process attributes its share of the batches; set False for a method whose
+    batches are not independent (one random generator drawn from batch after batch)."""
+    backward: ClassVar[bool] = True
+    """Whether a point needs a backward pass; forward-only methods fit about three times the points."""
+
+    options: AttributeOptions
+
+    @hookimpl
+    def option_schema(self, stage: str) -> type[AttributeOptions] | None:
+        return self.Options if stage == "attribute" else None
+
+    @hookimpl
+    def attribute(self, ctx) -> Artifact:
+        return copy.copy(self)._run(ctx)
+
+    # --- what a subclass writes ---------------------------------------------------------------
+
+    def setup(self, ctx, sites: Sequence[GateSite]) -> None:
+        """Prepare per-step state from ``self.options`` and ``ctx`` (nothing by default)."""
+
+    def attribute_batch(self, model: torch.nn.Module, sites: Sequence[GateSite], batch: dict,
+                        loss_fn: LossFn) -> Attribution:
+        """Per-sample attributions of one prepared batch (``Attribution.per_sample`` ``[B, sites, units]``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement attribute_batch")
+
+    def baseline_groups(self, sites: Sequence[GateSite]) -> int:
+        """Columns of ``Attribution.loss_base``: one per site, 1 (all gates together), or 0 (none)."""
+        return 0
+
+    def has_completeness(self) -> bool:
+        """Whether the attributions should sum to an objective difference (IG, Shapley)."""
+        return False
+
+    def completeness(self, attribution: Attribution) -> dict:
+        """The completeness check of all samples' attributions (see :func:`completeness`)."""
+        return completeness(attribution, per_layer=False)
+
+    def extra_meta(self) -> dict:
+        """Method settings recorded in the artifact's meta."""
+        return {}
+
+    def finish(self, artifact: Artifact) -> Artifact:
+        """Post-process the artifact (a normalisation, an unsigned convention); unchanged by default."""
+        return artifact
+
+    # --- shared -------------------------------------------------------------------------------
+
+    def points_per_chunk(self, model: torch.nn.Module, batch: dict) -> int:
+        """Gate points per trace of ``batch`` under the options' memory budget."""
+        return points_per_chunk(self.options.memory_mb, model, batch) * (1 if self.backward else 3)
+
+    def _run(self, ctx) -> Artifact:
+        self.options = opts = ctx.options
+        loaded = ctx.model(ctx.models[0])
+        sites = sites_for(loaded, opts.target)
+        objective = ctx.objective(opts.objective)
+        self.setup(ctx, sites)
+        # every process prepares every batch (the seeded masks agree) and attributes its share of them
+        batches = list(prepared_batches(ctx, loaded, objective, opts.answer_only))
+        if not batches:
+            raise DataError(f"{ctx.where}: the data has no examples")
+        loss_fn = loss_function(objective)
+        mine = ctx.shard(batches) if self.shard_batches else list(enumerate(batches))
+        parts = {index: self.attribute_batch(loaded.module, sites, batch, loss_fn)
+                 for index, batch in ctx.progress(mine, desc=self.method)}
+        if self.shard_batches:
+            rows = [b["input_ids"].shape[0] for b in batches]
+            attribution = gather_rows(ctx, parts, rows, sites, self.baseline_groups(sites))
+        else:
+            attribution = Attribution.concat([parts[i] for i in sorted(parts)])
+        check = self.completeness(attribution) if self.has_completeness() else None
+        artifact = attribution_artifact(ctx, attribution, sites, self.method, check, self.extra_meta())
+        return self.finish(artifact)

@@ -26,13 +26,8 @@ from typing import Iterator, Literal, Sequence
 import torch
 from pydantic import Field
 
-from surgery import hookimpl
 from surgery.core.artifacts import Artifact
-from surgery.core.errors import DataError
-from surgery.engines.attribution import (
-    AttributeOptions, Attribution, attribution_artifact, completeness, loss_function, points_per_chunk,
-    prepared_batches, sites_for
-)
+from surgery.engines.attribution import AttributeOptions, Attribution, GateAttribution, completeness, zero_rows
 from surgery.engines.gates import GateSite, LossFn, evaluate_points
 
 # --- grad-x-act -------------------------------------------------------------------------------
@@ -43,7 +38,7 @@ def gate_gradient_at_one(model: torch.nn.Module, sites: Sequence[GateSite], batc
     grad_sites = torch.ones(1, len(sites), dtype=torch.bool)
     chunk = next(iter(evaluate_points(model, sites, batch, gates_p, loss_fn, 1, grad_sites)))
     rows = batch["input_ids"].shape[0]
-    per_sample = torch.zeros(rows, len(sites), max(s.units for s in sites), dtype=torch.float64)
+    per_sample = zero_rows(sites, batch)
     for l, site in enumerate(sites):
         per_sample[:, l, : site.units] = chunk.grads_nbu[l][0].double()
     return Attribution(per_sample, chunk.loss_nb[0].double(), torch.zeros(rows, 0, dtype=torch.float64))
@@ -66,25 +61,26 @@ class GradXActOptions(AttributeOptions):
     normalize_global: bool = Field(False, description="min-max scale all scores to [0, 1]")
 
 
-class GradXAct:
+class GradXAct(GateAttribution):
     """Gradient x activation head importance (Michel et al. 2019): |dL/dgate| at gate 1."""
 
-    @hookimpl
-    def option_schema(self, stage: str):
-        return GradXActOptions if stage == "attribute" else None
+    method = "grad-x-act"
+    Options = GradXActOptions
 
-    @hookimpl
-    def attribute(self, ctx) -> Artifact:
-        opts = ctx.options
-        loaded, sites, objective = _setup(ctx)
-        parts = [gate_gradient_at_one(loaded.module, sites, batch, loss_function(objective))
-                 for batch in ctx.progress(prepared_batches(ctx, loaded, objective, opts.answer_only), desc="grad-x-act")]
-        attribution = _concat(ctx, parts)
-        if opts.absolute:
+    def attribute_batch(self, model: torch.nn.Module, sites: Sequence[GateSite], batch: dict,
+                        loss_fn: LossFn) -> Attribution:
+        attribution = gate_gradient_at_one(model, sites, batch, loss_fn)
+        if self.options.absolute:
             attribution.per_sample = attribution.per_sample.abs()
-        artifact = attribution_artifact(ctx, attribution, sites, "grad-x-act", None,
-                                        {"absolute": opts.absolute, "normalize_layers": opts.normalize_layers,
-                                         "normalize_global": opts.normalize_global})
+        return attribution
+
+    def extra_meta(self) -> dict:
+        opts = self.options
+        return {"absolute": opts.absolute, "normalize_layers": opts.normalize_layers,
+                "normalize_global": opts.normalize_global}
+
+    def finish(self, artifact: Artifact) -> Artifact:
+        opts = self.options
         if opts.normalize_layers or opts.normalize_global:
             artifact.tensors["raw_scores"] = artifact.tensors["scores"]
             artifact.tensors["scores"] = normalise(artifact.tensors["scores"], opts.normalize_layers,
@@ -106,7 +102,7 @@ def ablation(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict, los
         gates_p[l][p, u] = value
     loss_pb = torch.cat([c.loss_nb for c in evaluate_points(model, sites, batch, gates_p, loss_fn, points_per_chunk)]).double()
     rows = batch["input_ids"].shape[0]
-    per_sample = torch.zeros(rows, len(sites), max(s.units for s in sites), dtype=torch.float64)
+    per_sample = zero_rows(sites, batch)
     for p, (l, u) in enumerate(units, start=1):
         per_sample[:, l, u] = loss_pb[0] - loss_pb[p]
     return Attribution(per_sample, loss_pb[0], torch.zeros(rows, 0, dtype=torch.float64))
@@ -116,22 +112,19 @@ class AblationOptions(AttributeOptions):
     value: float = Field(0.0, ge=0, lt=1, description="gate value of the ablated unit (0 = off)")
 
 
-class Ablation:
+class Ablation(GateAttribution):
     """Ablation: L(1) - L(one unit off), every unit, batched along the batch dimension."""
 
-    @hookimpl
-    def option_schema(self, stage: str):
-        return AblationOptions if stage == "attribute" else None
+    method = "ablation"
+    Options = AblationOptions
+    backward = False
 
-    @hookimpl
-    def attribute(self, ctx) -> Artifact:
-        opts = ctx.options
-        loaded, sites, objective = _setup(ctx)
-        parts = []
-        for batch in ctx.progress(prepared_batches(ctx, loaded, objective, opts.answer_only), desc="ablation"):
-            chunk = points_per_chunk(opts.memory_mb, loaded.module, batch) * 3  # no backward: ~3x the rows
-            parts.append(ablation(loaded.module, sites, batch, loss_function(objective), opts.value, chunk))
-        return attribution_artifact(ctx, _concat(ctx, parts), sites, "ablation", None, {"value": opts.value})
+    def attribute_batch(self, model: torch.nn.Module, sites: Sequence[GateSite], batch: dict,
+                        loss_fn: LossFn) -> Attribution:
+        return ablation(model, sites, batch, loss_fn, self.options.value, self.points_per_chunk(model, batch))
+
+    def extra_meta(self) -> dict:
+        return {"value": self.options.value}
 
 
 # --- shapley ----------------------------------------------------------------------------------
@@ -143,7 +136,7 @@ def shapley(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict, loss
     groups = ([[(l, u) for l, s in enumerate(sites) for u in range(s.units)]] if scope == "all"
               else [[(l, u) for u in range(s.units)] for l, s in enumerate(sites)])
     rows = batch["input_ids"].shape[0]
-    acc = torch.zeros(rows, len(sites), max(s.units for s in sites), dtype=torch.float64)
+    acc = zero_rows(sites, batch)
     loss_base = torch.zeros(rows, len(groups), dtype=torch.float64)
     loss_full = torch.zeros(rows, dtype=torch.float64)
     for g, group in enumerate(groups):
@@ -186,40 +179,32 @@ class ShapleyOptions(AttributeOptions):
     value: float = Field(0.0, ge=0, lt=1, description="gate value of units outside the coalition")
 
 
-class Shapley:
+class Shapley(GateAttribution):
     """Shapley values of head gates by permutation sampling with a sample budget."""
 
-    @hookimpl
-    def option_schema(self, stage: str):
-        return ShapleyOptions if stage == "attribute" else None
+    method = "shapley"
+    Options = ShapleyOptions
+    backward = False
+    shard_batches = False  # one generator draws the orders of batch after batch
 
-    @hookimpl
-    def attribute(self, ctx) -> Artifact:
-        opts = ctx.options
-        loaded, sites, objective = _setup(ctx)
-        generator = torch.Generator().manual_seed(ctx.seed)
-        parts = []
-        for batch in ctx.progress(prepared_batches(ctx, loaded, objective, opts.answer_only), desc="shapley"):
-            chunk = points_per_chunk(opts.memory_mb, loaded.module, batch) * 3
-            parts.append(shapley(loaded.module, sites, batch, loss_function(objective), opts.permutations,
-                                 generator, opts.scope, opts.value, chunk, opts.antithetic))
-        attribution = _concat(ctx, parts)
-        check = completeness(attribution, per_layer=opts.scope == "per-layer")
-        extra = {"permutations": opts.permutations, "scope": opts.scope, "value": opts.value, "antithetic": opts.antithetic}
-        return attribution_artifact(ctx, attribution, sites, "shapley", check, extra)
+    def setup(self, ctx, sites: Sequence[GateSite]) -> None:
+        self.generator = torch.Generator().manual_seed(ctx.seed)
 
+    def attribute_batch(self, model: torch.nn.Module, sites: Sequence[GateSite], batch: dict,
+                        loss_fn: LossFn) -> Attribution:
+        opts = self.options
+        return shapley(model, sites, batch, loss_fn, opts.permutations, self.generator, opts.scope, opts.value,
+                       self.points_per_chunk(model, batch), opts.antithetic)
 
-# --- helpers ----------------------------------------------------------------------------------
+    def has_completeness(self) -> bool:
+        return True
 
-def _setup(ctx):
-    loaded = ctx.model(ctx.models[0])
-    return loaded, sites_for(loaded, ctx.options.target), ctx.objective(ctx.options.objective)
+    def completeness(self, attribution: Attribution) -> dict:
+        return completeness(attribution, per_layer=self.options.scope == "per-layer")
 
-
-def _concat(ctx, parts: list[Attribution]) -> Attribution:
-    if not parts:
-        raise DataError(f"{ctx.where}: the data has no examples")
-    return Attribution.concat(parts)
+    def extra_meta(self) -> dict:
+        opts = self.options
+        return {"permutations": opts.permutations, "scope": opts.scope, "value": opts.value, "antithetic": opts.antithetic}
 
 
 grad_x_act = GradXAct()

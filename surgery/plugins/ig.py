@@ -26,12 +26,8 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from surgery import hookimpl
-from surgery.core.artifacts import Artifact
-from surgery.core.errors import DataError
 from surgery.engines.attribution import (
-    AttributeOptions, Attribution, attribution_artifact, completeness, gather_rows, loss_function, points_per_chunk,
-    prepared_batches, sites_for
+    AttributeOptions, Attribution, GateAttribution, baseline_values, completeness, zero_rows
 )
 from surgery.engines.gates import GateSite, LossFn, evaluate_points
 
@@ -62,18 +58,6 @@ def quadrature(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     raise ValueError(f"unknown quadrature {rule!r}; choose from {', '.join(QUADRATURES)}")
 
 
-def baseline_values(kind: str, sites: Sequence[GateSite], value: float = 0.0, seed: int = 0) -> list[torch.Tensor]:
-    """The baseline gate of every unit of every site: 0, ``value``, or U(0, 1) drawn with ``seed``."""
-    if kind == "zero":
-        return [torch.zeros(s.units, dtype=torch.float64) for s in sites]
-    if kind == "scalar":
-        return [torch.full((s.units,), float(value), dtype=torch.float64) for s in sites]
-    if kind == "random":
-        generator = torch.Generator().manual_seed(seed)
-        return [torch.rand(s.units, generator=generator, dtype=torch.float64) for s in sites]
-    raise ValueError(f"unknown baseline {kind!r}")
-
-
 def schedule_exponents(schedule: str, layers: int) -> torch.Tensor:
     """``lambda_l`` of ``s_l(t) = t^(1 + lambda_l)``: 0 everywhere (linear) or ``l / L`` (per-layer)."""
     if schedule == "linear":
@@ -91,7 +75,7 @@ def ig_per_layer(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict,
                  points_per_chunk: int) -> Attribution:
     """Per-layer IG of one batch. Each layer's nodes are batched in chunks of their own, so a chunk
     gates one layer and its backward pass stops at that layer."""
-    acc = _zeros(sites, batch)
+    acc = zero_rows(sites, batch)
     for l, site in enumerate(sites):
         gates_p = [torch.ones(len(t_k), s.units, dtype=torch.float64) for s in sites]
         gates_p[l] = base[l] + t_k[:, None] * (1 - base[l])
@@ -114,7 +98,7 @@ def ig_joint(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict, los
     ds_kl = (1 + lam[None, :]) * t_k[:, None] ** lam[None, :]
     gates_p = [base[l] + s_kl[:, l, None] * (1 - base[l]) for l in range(len(sites))]
     grad_sites = torch.ones(len(t_k), len(sites), dtype=torch.bool)
-    acc = _zeros(sites, batch)
+    acc = zero_rows(sites, batch)
     for chunk in evaluate_points(model, sites, batch, _cast(gates_p), loss_fn, points_per_chunk, grad_sites):
         for l, site in enumerate(sites):
             weights_n = (w_k * ds_kl[:, l])[chunk.start:chunk.stop, None, None]
@@ -139,7 +123,7 @@ def _cast(gates_p: list[torch.Tensor]) -> list[torch.Tensor]:
     return [g.float() for g in gates_p]
 
 
-# --- shared by the attribute plugins ------------------------------------------------------------
+# --- options ---------------------------------------------------------------------------------
 
 
 class IGOptions(AttributeOptions):
@@ -162,47 +146,38 @@ class IGOptions(AttributeOptions):
 
 # --- the plugin -------------------------------------------------------------------------------
 
-class IG:
+class IG(GateAttribution):
     """Integrated gradients of an objective over head (or neuron) gates, per layer or joint."""
 
-    @hookimpl
-    def option_schema(self, stage: str):
-        return IGOptions if stage == "attribute" else None
+    method = "ig"
+    Options = IGOptions
 
-    @hookimpl
-    def attribute(self, ctx) -> Artifact:
-        opts = ctx.options
-        loaded = ctx.model(ctx.models[0])
-        sites = sites_for(loaded, opts.target)
-        objective = ctx.objective(opts.objective)
+    def setup(self, ctx, sites: Sequence[GateSite]) -> None:
+        opts = self.options
         seed = ctx.seed if opts.baseline_seed is None else opts.baseline_seed
-        base = baseline_values(opts.baseline, sites, opts.value, seed)
-        t_k, w_k = quadrature(opts.quadrature, opts.steps)
-        # every process prepares every batch (the seeded masks agree) and attributes its share of them
-        batches = list(prepared_batches(ctx, loaded, objective, opts.answer_only))
-        if not batches:
-            raise DataError(f"{ctx.where}: the data has no examples")
-        parts = {}
-        for index, batch in ctx.progress(ctx.shard(batches), desc=f"ig {opts.mode}"):
-            chunk = points_per_chunk(opts.memory_mb, loaded.module, batch)
-            args = (loaded.module, sites, batch, loss_function(objective), base, t_k, w_k, chunk)
-            parts[index] = ig_per_layer(*args) if opts.mode == "per-layer" else ig_joint(*args, schedule=opts.schedule)
-        attribution = gather_rows(ctx, parts, [b["input_ids"].shape[0] for b in batches], sites, opts.mode == "per-layer")
-        check = completeness(attribution, per_layer=opts.mode == "per-layer")
-        extra = {"mode": opts.mode, "baseline": opts.baseline, "quadrature": opts.quadrature, "steps": opts.steps,
-                 "schedule": opts.schedule, "baseline_values": [b.tolist() for b in base]}
-        return attribution_artifact(ctx, attribution, sites, "ig", check, extra)
+        self.base = baseline_values(opts.baseline, sites, opts.value, seed)
+        self.t_k, self.w_k = quadrature(opts.quadrature, opts.steps)
 
-    @hookimpl
-    def register_commands(self, cli) -> None:
-        from surgery.engines.diagnostics import register_commands
+    def attribute_batch(self, model: torch.nn.Module, sites: Sequence[GateSite], batch: dict,
+                        loss_fn: LossFn) -> Attribution:
+        args = (model, sites, batch, loss_fn, self.base, self.t_k, self.w_k, self.points_per_chunk(model, batch))
+        if self.options.mode == "per-layer":
+            return ig_per_layer(*args)
+        return ig_joint(*args, schedule=self.options.schedule)
 
-        register_commands(cli)
+    def baseline_groups(self, sites: Sequence[GateSite]) -> int:
+        return len(sites) if self.options.mode == "per-layer" else 1
+
+    def has_completeness(self) -> bool:
+        return True
+
+    def completeness(self, attribution: Attribution) -> dict:
+        return completeness(attribution, per_layer=self.options.mode == "per-layer")
+
+    def extra_meta(self) -> dict:
+        opts = self.options
+        return {"mode": opts.mode, "baseline": opts.baseline, "quadrature": opts.quadrature, "steps": opts.steps,
+                "schedule": opts.schedule, "baseline_values": [b.tolist() for b in self.base]}
 
 
 ig = IG()
-
-
-def _zeros(sites: Sequence[GateSite], batch: dict) -> torch.Tensor:
-    rows = batch["input_ids"].shape[0]
-    return torch.zeros(rows, len(sites), max(s.units for s in sites), dtype=torch.float64)

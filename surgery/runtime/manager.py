@@ -114,8 +114,9 @@ class Manager:
         """The options schema ``name`` declares for ``stage`` (NoOptions when it declares none)."""
         from surgery.core.options import NoOptions
 
-        impl = getattr(self.get(name), "option_schema", None)
-        schema = impl(stage=stage) if _is_hookimpl(impl) else None
+        target = self.get(name)
+        others = [p for p in self.pm.get_plugins() if p is not target]
+        schema = self.pm.subset_hook_caller("option_schema", remove_plugins=others)(stage=stage)
         return schema or NoOptions
 
     def identity(self, name: str) -> str:

@@ -8,9 +8,9 @@ Run directory layout::
       00-capture-fam/             tensors.safetensors, meta.json, done.json, plots, model/
       01-score-fam/ ...
 
-A step is finished when its ``done.json`` exists; it records the step's fingerprint (stage, plugin,
-normalised options, model fingerprints, data spec, seed, and the previous step's fingerprint) and
-the size of every file the step wrote. A re-run reuses a finished step whose fingerprint is
+A step is finished when its ``done.json`` exists; it records the plugin and the validated options
+the step ran with, the step's fingerprint (stage, plugin, normalised options, model fingerprints,
+data spec, seed, and the previous step's fingerprint) and the size of every file the step wrote. A re-run reuses a finished step whose fingerprint is
 unchanged and whose files are all there with their recorded sizes. Steps are written into a
 temporary directory and renamed into place, so a crash never leaves a directory that looks
 finished, and a file cut short later is never read as valid.
@@ -238,7 +238,8 @@ class Run:
         if artifact.model_dir is None and ctx.saved_model is not None:
             artifact.model_dir = ctx.saved_model
         artifact.save(tmp)
-        done = {"fingerprint": fp, "finished": _now(), "files": _file_sizes(tmp)}
+        done = {"fingerprint": fp, "finished": _now(), "files": _file_sizes(tmp), "plugin": step.plugin,
+                "options": step.options.model_dump(mode="json")}
         if found.findings:
             done["nonfinite"] = found.findings
         write_json(tmp / DONE_FILE, done)
