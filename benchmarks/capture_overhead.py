@@ -1,16 +1,20 @@
-"""Overhead of streamed capture over a bare forward pass.
+"""Overhead of streamed capture over the bare passes it rides on.
 
-An 8-layer, hidden-256 Llama (random init from its config), batch 8 x seq 128. Times, side by side,
-the median of ``--repeats`` runs of:
-- a bare forward of an unwrapped copy (``torch.no_grad``, no key/value cache, as the capture runs it),
-- an nnsight trace of the same forward that reads nothing (the tracing cost alone),
-- one ``Capture.add``: an nnsight trace reading every layer's MLP activations (down-projection
-  input) and folding them into streamed statistics (weighted sum and sum of squares per neuron),
-- the same with ``|a|`` sums, the write-direction projection and its cross term (FAM's forward-only
-  statistics), for reference.
-Goal: capture / bare <= 1.10.
+An 8-layer, hidden-256 Llama (random init from its config), batch 8 x seq 128. Each repeat runs,
+back to back (so drifting machine load hits all of them alike):
 
-    python benchmarks/capture_overhead.py [--repeats 15] [--threads N] [--device cuda]
+- a bare forward of an unwrapped copy (``torch.no_grad``, no key/value cache, as the capture runs it);
+- ``Capture.add`` reading every layer's MLP activations into streamed means and second moments;
+- a bare forward+backward of the unwrapped copy: causal-LM loss, gradient down to the input
+  embeddings, no weight gradients (``requires_grad`` off on every parameter): the passes FAM's
+  Fisher term needs;
+- the FAM capture as ``capture: fam`` runs it (:func:`surgery.plugins.fam.fam_streams` with the
+  Fisher backward of the causal-LM objective and sketches of size 128, one ``Capture.add`` per batch).
+
+It prints the median time of each and the medians of the per-repeat ratios capture / bare pass.
+Goals: MLP means / bare forward <= 1.10; FAM capture / bare forward+backward <= 1.3.
+
+    python benchmarks/capture_overhead.py [--repeats 15] [--threads N] [--device cuda] [--sketch-dim 128] [--smoke]
 """
 from __future__ import annotations
 
@@ -20,37 +24,28 @@ import statistics
 import time
 from typing import Callable
 
-import nnsight
 import torch
 import transformers
-from nnsight import NNsight
 
+from surgery.engines.capture import Capture, mlp_activations
+from surgery.plugins.fam import fam_streams
 from surgery.runtime.manager import Manager
 
-REGISTRIES = Manager().registries
-from surgery.engines.capture import Capture, mlp_activations, mlp_write_projection
 
-
-def build_model(layers: int = 8, hidden: int = 256, vocab: int = 1024) -> torch.nn.Module:
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
-                                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8)
+def build_model(layers: int, hidden: int) -> torch.nn.Module:
+    config = transformers.LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 4,
+                                      num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
+                                      num_key_value_heads=max(1, hidden // 32))
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def median_ms(run: Callable[[], None], repeats: int, device: torch.device) -> float:
-    def synced() -> None:
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    synced()  # warm-up (first trace at a code site is parsed and cached)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        synced()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def once_ms(run: Callable[[], None], device: torch.device) -> float:
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
 
 
 def main() -> None:
@@ -58,49 +53,69 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--sketch-dim", type=int, default=128, help="FAM's default sketch size")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks that the script runs")
     args = parser.parse_args()
-    sizes = {"layers": 2, "hidden": 32, "vocab": 128} if args.smoke else {}
-    rows, tokens = (2, 16) if args.smoke else (8, 128)
     if args.smoke:
-        args.repeats = 1
+        args.layers, args.hidden, args.batch, args.seq, args.repeats, args.sketch_dim = 2, 32, 2, 16, 1, 8
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = build_model(**sizes).to(device)
-    layers = REGISTRIES.view(model).layers
+    registries = Manager().registries
+    objective = registries.objectives.get("causal-lm")
+    model = build_model(args.layers, args.hidden).to(device)
+    layers = registries.view(model).layers
     generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    batch = {"input_ids": torch.randint(0, vocab, (rows, tokens), generator=generator).to(device),
-             "attention_mask": torch.ones(rows, tokens, dtype=torch.long, device=device)}
+    batch = {"input_ids": torch.randint(0, 1024, (args.batch, args.seq), generator=generator).to(device),
+             "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long, device=device)}
+    prepared = objective.prepare(batch, generator)
 
     unwrapped = copy.deepcopy(model)  # nnsight installs a forward wrapper on every module it wraps
+    for parameter in unwrapped.parameters():
+        parameter.requires_grad_(False)
 
-    def bare() -> None:
+    def bare_forward() -> None:
         with torch.no_grad():
             unwrapped(**batch, use_cache=False)
 
-    traced = NNsight(model)
-
-    def empty_trace() -> None:
-        with torch.no_grad(), traced.trace(**batch, use_cache=False):
-            nnsight.save(traced.output)
+    def bare_forward_backward() -> None:
+        embeds = unwrapped.get_input_embeddings()(batch["input_ids"]).requires_grad_(True)
+        logits = unwrapped(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False).logits
+        torch.autograd.grad(objective.loss(logits, prepared).sum(), embeds)
 
     plain = Capture(model, {str(l.index): [mlp_activations(l)] for l in layers})
-    fam = Capture(model, {str(l.index): [mlp_activations(l, absolute=True, cross=("write",)),
-                                         mlp_write_projection(model, l)] for l in layers})
-    # interleave the measurements so drifting machine load hits all of them alike
-    runs = [bare, empty_trace, lambda: plain.add(batch), lambda: fam.add(batch)]
-    rounds = [[median_ms(run, args.repeats, device) for run in runs] for _ in range(3)]
-    bare_ms, empty_ms, plain_ms, fam_ms = (statistics.median(r[i] for r in rounds) for i in range(len(runs)))
+    fam = Capture(model, {str(l.index): fam_streams(model, l, fisher=True) for l in layers},
+                  objective=objective, sketch_dim=args.sketch_dim, seed=0)
+    runs = {"bare forward": bare_forward, "capture MLP activations (mean, m2)": lambda: plain.add(batch),
+            "bare forward+backward (no weight grads)": bare_forward_backward,
+            "FAM capture (fisher, sketch, write proj.)": lambda: fam.add(batch)}
+    for run in runs.values():  # warm-up (the first trace at a code site is parsed and cached)
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            times[name].append(once_ms(run, device))
+
+    def ratio(num: str, den: str) -> float:
+        return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    config = model.config
-    print(f"model: llama {config.num_hidden_layers} layers, hidden {config.hidden_size}, intermediate "
-          f"{config.intermediate_size}; batch {rows} x {tokens}; {where}")
-    print(f"{'bare forward':<44}{bare_ms:9.1f} ms   1.00x")
-    print(f"{'nnsight trace, nothing read':<44}{empty_ms:9.1f} ms   {empty_ms / bare_ms:.2f}x")
-    print(f"{'capture MLP activations (mean, m2)':<44}{plain_ms:9.1f} ms   {plain_ms / bare_ms:.2f}x   (goal <= 1.10)")
-    print(f"{'capture + |a|, write projection, cross':<44}{fam_ms:9.1f} ms   {fam_ms / bare_ms:.2f}x")
+    print(f"model: llama {args.layers} layers, hidden {args.hidden}, intermediate {args.hidden * 4}; "
+          f"batch {args.batch} x {args.seq}; {where}; {args.repeats} interleaved repeats")
+    print(f"{'':<44}{'median ms':>10}   median ratio of pairs")
+    rows = [("bare forward", None, ""),
+            ("capture MLP activations (mean, m2)", "bare forward", "(goal <= 1.10)"),
+            ("bare forward+backward (no weight grads)", "bare forward", ""),
+            ("FAM capture (fisher, sketch, write proj.)", "bare forward+backward (no weight grads)", "(goal <= 1.30)")]
+    for name, den, goal in rows:
+        text = f"{name:<44}{statistics.median(times[name]):>10.1f}"
+        if den:
+            text += f"   {ratio(name, den):.2f}x {'forward' if den == 'bare forward' else 'fwd+bwd'} {goal}"
+        print(text)
 
 
 if __name__ == "__main__":

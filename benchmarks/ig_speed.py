@@ -4,12 +4,17 @@ Prints, measured in one run on the same model and input:
 - joint IG (all gates along one path), ``steps`` points: batched / loop wall time and their ratio
   (goal: batched >= 3x faster at batch 1 x seq 32 with 16 points);
 - per-layer IG (``layers x steps`` points): the same ratio;
-- the time per integration point of the batched joint run divided by one plain forward+backward of
-  the model at the same batch (loss.backward() with parameter gradients, no gates; goal <= 1.2);
+- the batched joint run (one trace of ``points x batch`` rows plus the endpoints) against a plain
+  forward+backward of the same ``points x batch`` rows, no gates, no weight gradients (parameters
+  frozen, gradient down to the input embeddings): what IG costs per integration point beyond the
+  passes it cannot avoid;
 - the largest difference between batched and looped attributions (they must agree to 1e-5).
 
+With ``--profile`` it also prints torch.profiler tables (operators by self CPU time) of one batched
+and one looped joint run, which show where the time of each goes.
+
     .venv/bin/python benchmarks/ig_speed.py                      # defaults: batch 1, seq 32, 16 points
-    .venv/bin/python benchmarks/ig_speed.py --batch 4 --seq 128 --threads 1
+    .venv/bin/python benchmarks/ig_speed.py --batch 4 --seq 128 --threads 1 --device cuda
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from surgery.runtime.manager import Manager
 
 REGISTRIES = Manager().registries
-from surgery.engines.gates import head_sites
+from surgery.engines.gates import head_sites, repeat_rows
 from surgery.plugins.ig import baseline_values, ig_joint, ig_per_layer, quadrature
 
 
@@ -77,6 +82,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of a batched and a looped run")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks that the script runs")
     args = parser.parse_args()
     if args.smoke:
@@ -108,22 +114,42 @@ def main() -> None:
         lambda: ig_per_layer(model, sites, batch, loss_fn, base, t, w, 1), args.repeats)
     layer_diff = float((c.per_sample - d.per_sample).abs().max())
 
-    def plain_step() -> None:
-        model.zero_grad(set_to_none=True)
-        loss_fn(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch).sum().backward()
+    rows = repeat_rows(batch, args.points)
+    frozen = [p.requires_grad_(False) for p in model.parameters()]
 
+    def plain_step() -> None:  # the same rows as the batched trace, no gates, no weight gradients
+        embeds = model.get_input_embeddings()(rows["input_ids"]).requires_grad_(True)
+        logits = model(inputs_embeds=embeds, attention_mask=rows["attention_mask"], use_cache=False).logits
+        torch.autograd.grad(loss_fn(logits, rows).sum(), embeds)
+
+    plain_ratio = statistics.median(b / a for a, b in (
+        (timed_once(plain_step)[0], timed_once(lambda: ig_joint(model, sites, batch, loss_fn, base, t, w, everything))[0])
+        for _ in range(args.repeats)))
     plain, _ = timed(plain_step, args.repeats)
-    joint_again, _ = timed(lambda: ig_joint(model, sites, batch, loss_fn, base, t, w, everything), args.repeats)
-    model.zero_grad(set_to_none=True)
-    # the joint run also evaluates its two endpoints (forward only); count them as points too
-    per_point = min(joint_batched, joint_again) / (args.points + 2)
-
+    for p in frozen:
+        p.requires_grad_(True)
     print(f"{'':<28}{'batched':>10}{'loop':>10}{'loop/batched':>14}{'max |diff|':>12}   (best times; median ratio of pairs)")
     print(f"{'joint IG':<28}{joint_batched * 1e3:>8.1f}ms{joint_loop * 1e3:>8.1f}ms{joint_ratio:>13.2f}x{joint_diff:>12.1e}")
     print(f"{'per-layer IG':<28}{layer_batched * 1e3:>8.1f}ms{layer_loop * 1e3:>8.1f}ms{layer_ratio:>13.2f}x{layer_diff:>12.1e}")
-    print(f"plain forward+backward      {plain * 1e3:8.1f}ms")
-    print(f"time per integration point  {per_point * 1e3:8.1f}ms = {per_point / plain:.2f} x plain forward+backward")
+    print(f"plain forward+backward of the {args.points} x {args.batch} rows, no weight gradients: {plain * 1e3:.1f}ms")
+    print(f"batched joint IG ({args.points} points + 2 endpoints) / that plain pass: {plain_ratio:.2f}x "
+          f"(median of pairs); per integration point {joint_batched / args.points * 1e3:.2f}ms vs "
+          f"{plain / args.points * 1e3:.2f}ms per row of the plain pass")
+    if args.profile:
+        profile("batched", lambda: ig_joint(model, sites, batch, loss_fn, base, t, w, everything))
+        profile("loop", lambda: ig_joint(model, sites, batch, loss_fn, base, t, w, 1))
 
+
+def profile(label: str, fn) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    fn()
+    with torch_profile(activities=activities) as prof:
+        fn()
+        _sync()
+    print(f"\n--- joint IG, {label}: operators by self CPU time ---")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
 
 if __name__ == "__main__":
     main()

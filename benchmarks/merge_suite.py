@@ -80,6 +80,12 @@ METHODS = [
     Method("fam+tlinp", recipe="fam-tlinp.yaml", max_models=2, baseline=False),
     Method("fam+tlinp, no align", recipe="fam-tlinp.yaml", without=("align",), max_models=2, baseline=False),
     Method("lape-tefm+parent", recipe="lape-tefm-parent.yaml", model="lape_tefm", max_models=2, baseline=False),
+    # FAM-weighted task arithmetic: the recipe's models are named after the suite's tasks, so it merges any
+    # set; its scale is searched on the same grid as task arithmetic's (equal FAM weights = task arithmetic)
+    Method("fam vs parent", recipe="fam-parent-suite.yaml", tune="scale", grid=(1.0, 1.5, 2.0), per_model=True,
+           baseline=False),
+    Method("fam vs parent, T=0.5", recipe="fam-parent-suite.yaml", options={"score_power": 0.5}, tune="scale",
+           grid=(1.0, 1.5, 2.0), per_model=True, baseline=False),
 ]
 BY_NAME = {method.name: method for method in METHODS}
 
@@ -112,10 +118,22 @@ def baseline_recipe(method: Method, tasks: list[str], seed: int, value: float | 
             "steps": [{"fuse": {"plugin": method.fuse, "models": members, **options, "as": "merged"}}]}
 
 
-def recipe_from_file(method: Method, tasks: list[str], seed: int) -> dict:
+def recipe_from_file(method: Method, tasks: list[str], seed: int, value: float | None = None) -> dict:
+    """The method's recipe on ``tasks``: role models (a/b, base/donor) or, in a recipe whose models are
+    named after the suite's tasks, the set's tasks (steps' ``models`` lists cut to them); ``options`` and the
+    tuned value go to the fuse step that saves ``method.model``."""
     raw = copy.deepcopy(yaml.safe_load((RECIPES / method.recipe).read_text(encoding="utf-8")))
-    roles = {"a": tasks[0], "b": tasks[1], "base": tasks[0], "donor": tasks[1]}
-    raw["models"] = {key: PARENT if key == "parent" else model_path(roles[key], seed) for key in raw["models"]}
+    roles = {"a": tasks[0], "b": tasks[1], "base": tasks[0], "donor": tasks[1], **{task: task for task in tasks}}
+    raw["models"] = {key: PARENT if key == "parent" else model_path(roles[key], seed) for key in raw["models"]
+                     if key == "parent" or key in roles}
+    for step in raw["steps"]:
+        options = next(iter(step.values()))
+        if isinstance(options, dict) and isinstance(options.get("models"), list):
+            options["models"] = [m for m in options["models"] if m in raw["models"] or m not in TASKS]
+        if "fuse" in step and step["fuse"].get("as", "merged") == method.model:
+            step["fuse"].update(method.options)
+            if method.tune and value is not None:
+                step["fuse"][method.tune] = value / len(tasks) if method.per_model else value
     data = {}
     for name, spec in raw.get("data", {}).items():
         if name == "probe":
@@ -129,7 +147,7 @@ def recipe_from_file(method: Method, tasks: list[str], seed: int) -> dict:
 
 def candidate_recipe(method: Method, tasks: list[str], seed: int, value: float | None, n_val: int,
                      n_test: int | None) -> dict:
-    raw = recipe_from_file(method, tasks, seed) if method.recipe else baseline_recipe(method, tasks, seed, value)
+    raw = recipe_from_file(method, tasks, seed, value) if method.recipe else baseline_recipe(method, tasks, seed, value)
     raw["steps"] = raw["steps"] + eval_steps(method.model, list(tasks), n_val, n_test)
     return raw
 

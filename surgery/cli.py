@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -232,7 +233,10 @@ def _type_name(annotation: object) -> str:
         return "|".join(str(a) for a in typing.get_args(annotation))
     if isinstance(annotation, type):
         return annotation.__name__
-    return str(annotation).replace("typing.", "")
+    text = str(annotation).replace("typing.", "")
+    # a per-layer/per-tensor merge setting (surgery.engines.merge_params.Setting): its description says the forms
+    text = re.sub(r"Annotated\[(.*?), BeforeValidator\(.*?\)\]", r"\1", text)
+    return re.sub(r"Union\[float, list\[float\], list\[[\w.]*Conditional\]\]", "setting", text)
 
 
 def _short(value: object) -> str:

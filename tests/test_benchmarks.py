@@ -18,13 +18,14 @@ NUMBER = r"[-+]?(\d+\.\d*|\.\d+|\d+|nan|inf)(e[-+]?\d+)?"
 
 # the lines that carry each script's result (a ratio, or the table row it is read from)
 RESULT_LINES = {
-    "capture_overhead.py": [rf"capture MLP activations.*{NUMBER}x"],
+    "capture_overhead.py": [rf"capture MLP activations.*{NUMBER}x", rf"FAM capture .*{NUMBER}x fwd\+bwd"],
     "constraint_cost.py": [rf"^fpo\s+{NUMBER}\s+{NUMBER}", rf"^tdpo2\s+{NUMBER}\s+{NUMBER}"],
     "fpo_heal.py": [rf"^mean fpo .*healed {NUMBER}", rf"^mean dpo .*healed {NUMBER}"],
-    "ig_speed.py": [rf"^joint IG .*{NUMBER}x", rf"^per-layer IG .*{NUMBER}x", rf"= {NUMBER} x plain forward"],
+    "ig_speed.py": [rf"^joint IG .*{NUMBER}x", rf"^per-layer IG .*{NUMBER}x", rf"/ that plain pass: {NUMBER}x"],
     "lape_cost.py": [rf"= {NUMBER} x lape N_s=1"],
     "lape_length.py": [rf"LAPE / plain variance across len_max: {NUMBER}"],
     "merge_memory.py": [rf"/ checkpoint size = {NUMBER}"],
+    "merge_vs_mergekit.py": [rf"ours / mergekit, wall time .* {NUMBER}x|ours, median wall: {NUMBER}"],
     "merge_quality.py": [rf"best baseline: .* {NUMBER}; best FAM: .* {NUMBER}"],
     "scaling.py": [rf"processes x 1 thread .* {NUMBER}$"],
     "tlinp_length.py": [rf"^tlinp .* \| {NUMBER}$"],

@@ -278,3 +278,29 @@ def test_mean_plugin_from_a_recipe_equals_a_hand_computation(tmp_path, weighting
     assert torch.allclose(artifact.tensors["m/1/m2"].double(), (w * acts.square()).sum(0) / w.sum(), atol=1e-6)
     if weighting == "tlinp":
         assert not torch.allclose(artifact.tensors["m/1/mean"].double(), acts.mean(0), atol=1e-4)
+
+
+def _sketch_basis_reference(mask_bt: torch.Tensor, rows_b, k: int, seed: int) -> torch.Tensor:
+    """Token by token: real token j of row r gets row j of randn(real tokens of r, k) drawn from the
+    generator seeded by (seed, r), scaled by 1/sqrt(k)."""
+    from surgery.engines.capture import _row_seed
+
+    basis = torch.zeros(*mask_bt.shape, k)
+    for b, row in enumerate(rows_b):
+        generator = torch.Generator().manual_seed(_row_seed(seed, int(row)))
+        draws = torch.randn(int(mask_bt[b].sum()), k, generator=generator)
+        j = 0
+        for t in range(mask_bt.shape[1]):
+            if mask_bt[b, t]:
+                basis[b, t] = draws[j] / k ** 0.5
+                j += 1
+    return basis
+
+
+def test_sketch_basis_equals_the_token_by_token_reference():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [1, 0, 1, 1, 0]])
+    rows = [7, 0, 3, 12]
+    for k in (1, 4, 32):
+        fast = sketch_basis(mask, rows, k, seed=5)
+        assert torch.allclose(fast, _sketch_basis_reference(mask, rows, k, seed=5), rtol=0, atol=1e-7)
+        assert bool((fast[mask == 0] == 0).all()) and bool((fast[mask == 1] != 0).all())

@@ -143,3 +143,67 @@ def test_probe_loss_is_the_token_weighted_answer_nll(tmp_path):
             total -= float(log_p[t - 1, ids[t]])
             count += 1
     assert figures["m/loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def hand_checkpoint(directory: Path, tensors: dict[str, list[float]]) -> Path:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    save_file({k: torch.tensor(v) for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text("{}")
+    return directory
+
+
+def test_ties_mergekit_convention_on_hand_made_checkpoints(tmp_path):
+    names = ("model.layers.0.a", "model.layers.0.t2", "model.layers.0.t3")
+    base = hand_checkpoint(tmp_path / "base", dict(zip(names, ([0.0] * 4, [0.0, 0.0], [0.0] * 3))))
+    d1 = hand_checkpoint(tmp_path / "d1", dict(zip(names, ([4.0, -1.0, 2.0, 0.5], [1.0, -2.0], [3.0, 2.0, 1.0]))))
+    d2 = hand_checkpoint(tmp_path / "d2", dict(zip(names, ([-1.0, 3.0, -0.5, 1.5], [-1.0, 2.0], [0.0, 0.0, 0.0]))))
+    density = [{"filter": "t2", "value": 1.0}, {"value": 0.5}]
+    ties = {"plugin": "ties", "density": density, "weights": [1.0, 3.0], "scale": 0.5}
+    run = run_steps(tmp_path, {"base": base, "d1": d1, "d2": d2}, [
+        {"fuse": {**ties, "convention": "mergekit"}},
+        {"fuse": {**ties, "models": ["base", "d1", "d2"], "as": "paper"}},
+        {"fuse": {**ties, "convention": "mergekit", "normalize": False, "models": ["base", "d1", "d2"], "as": "sum"}},
+    ])
+    mk, paper, summed = (weights(run / f"{i:02d}-fuse-ties" / "model") for i in range(3))
+    # a: k = int(.5 * 4) = 2 per donor: (4, 0, 2, 0) and (0, 3, 0, 1.5); weighted (4, 0, 2, 0), (0, 9, 0, 4.5);
+    # all signs +; mean over agreeing weights (4/1, 9/3, 2/1, 4.5/3) = (4, 3, 2, 1.5); lambda .5 after
+    assert mk["model.layers.0.a"].tolist() == [2.0, 1.5, 1.0, 0.75]
+    assert summed["model.layers.0.a"].tolist() == [2.0, 4.5, 1.0, 2.25]
+    # t2 (density 1 by filter): weighted sums (1 - 3, -2 + 6) = (-2, 4): -, +: (-3/3, 6/3) * .5
+    assert mk["model.layers.0.t2"].tolist() == [-0.5, 1.0]
+    # the paper elects on unweighted sums (0, 0): no sign, nothing kept
+    assert paper["model.layers.0.t2"].tolist() == [0.0, 0.0]
+    # t3: int(1.5) = 1 entry kept by mergekit, ceil(1.5) = 2 by the paper
+    assert mk["model.layers.0.t3"].tolist() == [1.5, 0.0, 0.0]
+    assert paper["model.layers.0.t3"].tolist() == [1.5, 1.0, 0.0]
+
+
+def test_ties_zero_sign_sum_elects_plus_under_mergekit(tmp_path):
+    base = hand_checkpoint(tmp_path / "base", {"w": [0.0, 0.0]})
+    d1 = hand_checkpoint(tmp_path / "d1", {"w": [1.0, -2.0]})
+    d2 = hand_checkpoint(tmp_path / "d2", {"w": [-1.0, 2.0]})
+    run = run_steps(tmp_path, {"base": base, "d1": d1, "d2": d2}, [
+        {"fuse": {"plugin": "ties", "density": 1.0, "convention": "mergekit"}}])
+    # sums (0, 0) elect +: donor 1's +1 and donor 2's +2 survive alone
+    assert weights(run / "00-fuse-ties" / "model")["w"].tolist() == [1.0, 2.0]
+
+
+def test_dare_l1_rescale_restores_each_task_vectors_norm(tmp_path, three):
+    a, b, _ = three
+    run = run_steps(tmp_path, {"a": a, "b": b}, [
+        {"fuse": {"plugin": "dare", "density": 0.4, "rescale": "l1"}},
+        {"fuse": {"plugin": "dare", "models": ["a", "b"], "density": 0.4, "as": "inv"}},
+    ], seed=5)
+    wa, wb = weights(a), weights(b)
+    l1, inv = weights(run / "00-fuse-dare" / "model"), weights(run / "01-fuse-dare" / "model")
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.o_proj.weight"):
+        tau, kept_l1, kept_inv = wb[name] - wa[name], l1[name] - wa[name], inv[name] - wa[name]
+        assert kept_l1.abs().sum().item() == pytest.approx(tau.abs().sum().item(), rel=1e-4)
+        # the same mask (same seed): the two rescalings differ by one factor per tensor
+        mask = kept_inv != 0
+        assert torch.equal(mask, kept_l1 != 0)
+        factor = tau.abs().sum() / tau[mask].abs().sum()
+        assert torch.allclose(kept_l1[mask], tau[mask] * factor, rtol=1e-4)
+        assert torch.allclose(kept_inv[mask], tau[mask] / 0.4, rtol=1e-5)

@@ -69,12 +69,19 @@ def flag(message: str) -> None:
 CHUNK = 1 << 24  # values checked at once: the temporary masks stay at 16 MiB however large the tensor
 
 
+_ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
 def describe(tensor: torch.Tensor) -> str | None:
     """``"3 NaN, 1 Inf of 2048 values"``, or None when every value is finite (or not a float, or
     not materialised: an offloaded parameter on the meta device)."""
     if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.device.type == "meta":
         return None
     values = tensor.detach().reshape(-1)
+    # one reduction, no temporary: a NaN or Inf anywhere makes the sum non-finite (a finite sum
+    # proves every value finite; an overflowing one falls through to the exact count)
+    if tensor.is_floating_point() and bool(torch.isfinite(values.sum(dtype=_ACCUMULATE.get(tensor.dtype, tensor.dtype)))):
+        return None
     chunks = values.split(CHUNK)
     if all(bool(torch.isfinite(chunk).all()) for chunk in chunks):
         return None

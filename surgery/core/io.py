@@ -65,3 +65,14 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_model_card(directory: str | os.PathLike, title: str, front_matter: dict[str, Any],
+                     sections: list[tuple[str, str]]) -> None:
+    """Write ``README.md`` (a Hugging Face model card): YAML front matter, a title, then sections."""
+    import yaml
+
+    text = "---\n" + yaml.safe_dump(front_matter, sort_keys=False, width=100) + "---\n\n" + f"# {title}\n"
+    for heading, body in sections:
+        text += f"\n## {heading}\n\n{body.rstrip()}\n"
+    write_text(Path(directory) / "README.md", text)

@@ -239,11 +239,12 @@ def sketch_correlation(sketch_kf: torch.Tensor, sketch_kg: torch.Tensor) -> torc
 def sketch_basis(mask_bt: torch.Tensor, rows_b: Sequence[int], k: int, seed: int) -> torch.Tensor:
     """``[B, T, k]``: r_t for each real token (0 on padding), seeded by (seed, row), j-th draw."""
     mask_cpu = mask_bt.detach().cpu().bool()
+    # only the draws are per row (each row's own seeded stream); the scatter is one masked store,
+    # which fills real tokens row by row in position order, the order of the concatenated draws
+    draws = [torch.randn(int(n), k, generator=torch.Generator().manual_seed(_row_seed(seed, int(row))))
+             for n, row in zip(mask_cpu.sum(1).tolist(), rows_b)]
     basis_btk = torch.zeros(*mask_cpu.shape, k)
-    for b, row in enumerate(rows_b):
-        real_t = mask_cpu[b].nonzero().squeeze(1)
-        generator = torch.Generator().manual_seed(_row_seed(seed, int(row)))
-        basis_btk[b, real_t] = torch.randn(len(real_t), k, generator=generator) / math.sqrt(k)
+    basis_btk[mask_cpu] = torch.cat(draws).mul_(1 / math.sqrt(k))
     return basis_btk.to(mask_bt.device)
 
 

@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-import nnsight
 import torch
 
 from surgery.models.adapters import envoy_at
@@ -193,6 +192,8 @@ def _wrapped(model: torch.nn.Module) -> Any:
     if model not in _WRAPPED:
         with warnings.catch_warnings():  # BERT's `output` children: adapters.envoy_at knows them as E_output
             warnings.filterwarnings("ignore", message=".*has a submodule named 'output'")
+            import nnsight  # imported on first use: loading every plugin should not pay for it
+
             _WRAPPED[model] = nnsight.NNsight(model)
     return _WRAPPED[model]
 
@@ -220,3 +221,13 @@ def rows_per_chunk(memory_mb: float, tokens: int, layers: int, hidden: int, ffn:
     per_token = layers * (12 * hidden + 3 * ffn + 2 * heads * tokens) + 3 * vocab
     per_row = max(1, tokens * per_token * bytes_per_value)
     return max(1, int(memory_mb * 2**20 // per_row))
+
+
+def gated_forward(model: torch.nn.Module, sites: Sequence[GateSite], batch: dict,
+                  gates: Sequence[torch.Tensor | None], loss_fn: LossFn) -> torch.Tensor:
+    """Per-row losses ``[rows]``, differentiable in ``gates`` (a function of the gates for attribution
+    libraries such as captum); call it under :func:`frozen_parameters` so parameters get no gradients."""
+    return _run(model, sites, batch, list(gates), loss_fn)
+
+
+frozen_parameters = _frozen

@@ -51,18 +51,24 @@ def stream_merge_named(ctx, combine: Callable[[str, list[torch.Tensor]], torch.T
     donors = {name: (reader.names(), reader.shape) for name, reader in zip(models[1:], readers[1:])}
     plan = plan_merge(base.names(), base.shape, donors, tensor_map)
     writer = ctx.model_writer(like=models[0], max_shard_mb=max_shard_mb)
+    # every output tensor has its base tensor's name, dtype and shape: lay the shards out up front
+    writer.reserve([(name, base.dtype(name), base.shape(name)) for name in base.names()])
     merged = kept = 0
-    for name in ctx.progress(base.names(), desc="merging tensors"):
-        first = base.get(name)
-        sources = plan.sources[name]
-        if sources is None or not first.is_floating_point():
-            writer.add(name, first)
-            kept += first.numel()
-            continue
-        tensors = [first.float()] + [r.get(source).float() for r, source in zip(readers[1:], sources)]
-        writer.add(name, combine(name, tensors).to(first.dtype))
-        merged += first.numel()
-        del first, tensors  # free the inputs before the next tensor is read
+    try:
+        for name in ctx.progress(base.names(), desc="merging tensors"):
+            first = base.get(name)
+            sources = plan.sources[name]
+            if sources is None or not first.is_floating_point():
+                writer.add(name, first)
+                kept += first.numel()
+                continue
+            tensors = [first.float()] + [r.get(source).float() for r, source in zip(readers[1:], sources)]
+            writer.add(name, combine(name, tensors).to(first.dtype))
+            merged += first.numel()
+            del first, tensors  # unmap the inputs before the next tensor is read
+    except BaseException:
+        writer.abort()
+        raise
     model_dir = writer.close()
     unused = {donor: len(names) for donor, names in plan.unused.items() if names}
     meta = {"models": models, "map": tensor_map.name, "unused_donor_tensors": unused}

@@ -17,7 +17,6 @@ from typing import Iterable, Mapping
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from surgery.models.adapters import ParamSlice
 
@@ -30,6 +29,8 @@ def match(similarity_ab: torch.Tensor) -> torch.Tensor:
     if similarity_ab.shape[0] > similarity_ab.shape[1]:
         raise ValueError(f"cannot match {similarity_ab.shape[0]} rows to {similarity_ab.shape[1]} columns")
     values = np.nan_to_num(similarity_ab.detach().double().cpu().numpy(), nan=-1.0)
+    from scipy.optimize import linear_sum_assignment  # imported on first use, like nnsight in gates
+
     rows, cols = linear_sum_assignment(values, maximize=True)
     perm = torch.empty(similarity_ab.shape[0], dtype=torch.long)
     perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)

@@ -19,7 +19,11 @@ step, plain mean by default, TLINP with ``- weight: {plugin: tlinp}``):
   identity without one): ``W*_i = sum_m s_m W_m,pi_m(i) / sum_m s_m`` (s = FAI; base included) on
   the gate/up rows and down columns; every other tensor is ``(1 - blend) W_base + blend mean(W_donors)``
   with ``blend`` per tensor class, or kept from the base (``keep: [norms, ...]``). Heterogeneous
-  pairs pair tensors through ``map:`` (:mod:`surgery.models.hetero`).
+  pairs pair tensors through ``map:`` (:mod:`surgery.models.hetero`). Options: s = (FAI / layer mean,
+  with ``normalize: layer``) ** ``score_power``; ``pool: ensemble`` / ``ensemble-share`` averages
+  each model's scores / shares over the base neuron's ensemble (the ``cluster`` step's labels);
+  ``parent: C`` merges task vectors, ``W*_i = W_C,i + scale * N * sum_m c_m,i (W_m,pi_m(i) - W_C,i)``
+  with c_m,i = s_m,i / sum_m s_m,i, and ``W_C + scale * sum_m (W_m - W_C)`` for every other tensor.
 
 Deviations from the seeds are in docs/methods/fam.md.
 """

@@ -37,12 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from surgery.core.version import VERSION
 from surgery.core import distributed, guards
 from surgery.core.artifacts import Artifact
 from surgery.core.errors import PluginError, SurgeryError, located
-from surgery.core.io import read_json, write_json
+from surgery.core.io import read_json, write_json, write_model_card
 from surgery.core.registry import did_you_mean
 from surgery.core.runlock import LOCK_FILE, RunLock
 from surgery.models.loading import LoadedModel, fingerprint, load_model, resolve_path
@@ -237,6 +238,8 @@ class Run:
             return None
         if artifact.model_dir is None and ctx.saved_model is not None:
             artifact.model_dir = ctx.saved_model
+        if artifact.model_dir is not None and Path(artifact.model_dir).is_dir() and Path(artifact.model_dir).is_relative_to(tmp):
+            self._model_card(step, Path(artifact.model_dir))
         artifact.save(tmp)
         done = {"fingerprint": fp, "finished": _now(), "files": _file_sizes(tmp), "plugin": step.plugin,
                 "options": step.options.model_dump(mode="json")}
@@ -246,6 +249,27 @@ class Run:
         _replace_dir(tmp, final)
         self._partial = None
         return None
+
+    def _model_card(self, step: Step, model_dir: Path) -> None:
+        """README.md in a model a step wrote: the step, its inputs and the recipe that made it."""
+        inputs = []
+        for name in step.models:
+            source = ("made by an earlier step of this recipe" if name in self.produced
+                      else f"`{self.recipe.models[name].path}`")
+            inputs.append(f"| {name} | {source} | `{self.model_fingerprint(name)[:16]}` |")
+        options = yaml.safe_dump(step.options.model_dump(mode="json"), sort_keys=True, width=100)
+        sections = [
+            ("How it was made", f"Step {step.index} of recipe `{self.recipe.name}`: `{step.stage}` with the "
+                                f"`{step.plugin}` plugin (model-surgery {VERSION}), seed {self.recipe.seed}."),
+            ("Inputs", "| model | source | fingerprint |\n|---|---|---|\n" + "\n".join(inputs)),
+            ("Options", f"```yaml\n{options}```"),
+        ]
+        source = Path(self.recipe.source)
+        if source.is_file():
+            sections.append(("Recipe", f"```yaml\n{source.read_text(encoding='utf-8').rstrip()}\n```"))
+        front = {"library_name": "transformers", "tags": ["model-surgery", step.stage, step.plugin],
+                 "base_model": [self.recipe.models[n].path for n in step.models if n not in self.produced]}
+        write_model_card(model_dir, step.output_model or f"{self.recipe.name} step {step.index}", front, sections)
 
     def _call(self, step: Step, ctx: StepContext) -> Any:
         where = f"step {step.index} ({step.stage}: {step.plugin})"
