@@ -28,6 +28,10 @@ SKIPPED = {
     "surgery suite build --seeds 0,1,2": "fine-tunes SmolLM2 twelve times; tests/test_suite.py builds on a tiny model",
     "surgery eval builtin:smollm2-135m builtin:smollm2-135m/add --evaluator suite --n 64":
         "fine-tunes SmolLM2 on an empty cache; tests/test_suite.py runs the suite evaluator in a recipe",
+    "surgery run recipes/fam-parent-suite-grid.yaml": "fine-tunes SmolLM2 four times on an empty cache, then FAM captures "
+                                                      "of 135M models (many minutes); the recipe fuzzer starts from it",
+    "surgery run recipes/task-arithmetic-suite-grid.yaml": "fine-tunes SmolLM2 four times on an empty cache; "
+                                                           "the recipe fuzzer starts from it",
     "surgery run recipes/fam.yaml --nproc 2": "starts two processes that each import torch; tests/test_distributed.py runs "
                                               "`surgery run --nproc 2` and checks it against one process",
 }
