@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from surgery import hookimpl
 from surgery.core.artifacts import Artifact
 from surgery.models.checkpoint import CheckpointReader
 from surgery.engines import tensor_merge
-from surgery.engines.merge_params import SETTING_HELP, Setting, TensorParams, check_range
+from surgery.engines.merge_params import SETTING_HELP, DensityChecks, Setting, TensorParams
 from surgery.core.errors import RecipeError
 from surgery.core.options import Options
 from surgery.engines.merge import StreamOptions, stream_merge_named
@@ -108,7 +108,7 @@ def fuse_method(name: str, options: type[Options], min_models: int = 2, max_mode
 
 
 
-class TaskVectorOptions(StreamOptions):
+class TaskVectorOptions(StreamOptions, DensityChecks):
     """Options every task-vector merge takes (the first model is the base, the others donors)."""
 
     weights: list[Setting] | None = Field(None, description=f"one weight per donor (default 1 each); each a {SETTING_HELP}")
@@ -121,18 +121,6 @@ class TaskVectorOptions(StreamOptions):
     convention: Literal["paper", "mergekit"] = Field(
         "paper", description="paper: k = ceil(density n) by threshold, no sign on a zero sum, election on unweighted "
         "task vectors; mergekit: k = int(density n) by sort, + on a zero sum, weights before the election")
-
-    @field_validator("density")
-    @classmethod
-    def _density(cls, value):
-        return check_range(value, above=0, at_most=1)
-
-    @field_validator("densities")
-    @classmethod
-    def _densities(cls, values):
-        for value in values or []:
-            check_range(value, above=0, at_most=1)
-        return values
 
 
 def check_donors(ctx, opts) -> None:

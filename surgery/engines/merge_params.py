@@ -148,3 +148,19 @@ class TensorParams:
         if settings is None:
             return [default] * count
         return [self.value(s, name, default) for s in settings]
+
+
+class DensityChecks(BaseModel):
+    """Validators for the ``density`` / ``densities`` options of the sparsifying merges: each in (0, 1]."""
+
+    @field_validator("density", check_fields=False)
+    @classmethod
+    def _density(cls, value):
+        return check_range(value, above=0, at_most=1)
+
+    @field_validator("densities", check_fields=False)
+    @classmethod
+    def _densities(cls, values):
+        for value in values or []:
+            check_range(value, above=0, at_most=1)
+        return values

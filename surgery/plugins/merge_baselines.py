@@ -32,14 +32,14 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from surgery import hookimpl
 from surgery.core.artifacts import Artifact
 from surgery.core.errors import RecipeError
 from surgery.engines import tensor_merge
 from surgery.engines.merge import StreamOptions, stream_merge_named
-from surgery.engines.merge_params import SETTING_HELP, Setting, TensorParams, check_range
+from surgery.engines.merge_params import SETTING_HELP, DensityChecks, Setting, TensorParams
 from surgery.models.checkpoint import CheckpointReader
 
 CONVENTION_HELP = ("paper: k = ceil(density n) by threshold, no sign on a zero sum, election on unweighted task vectors; "
@@ -125,25 +125,13 @@ class TaskArithmetic:
         return artifact
 
 
-class TiesOptions(StreamOptions):
+class TiesOptions(StreamOptions, DensityChecks):
     density: Setting = Field(0.2, description=f"share of each task vector's entries kept, largest |entries| ({SETTING_HELP})")
     scale: Setting = Field(1.0, description=f"lambda applied to the merged task vector ({SETTING_HELP})")
     weights: list[Setting] | None = Field(None, description="one weight per donor (default 1 each)")
     densities: list[Setting] | None = Field(None, description="one density per donor (overrides density)")
     normalize: bool = Field(True, description="disjoint mean: divide by the summed weights of the donors that agree")
     convention: Literal["paper", "mergekit"] = Field("paper", description=CONVENTION_HELP)
-
-    @field_validator("density")
-    @classmethod
-    def _density(cls, value):
-        return check_range(value, above=0, at_most=1)
-
-    @field_validator("densities")
-    @classmethod
-    def _densities(cls, values):
-        for value in values or []:
-            check_range(value, above=0, at_most=1)
-        return values
 
 
 class DareOptions(TiesOptions):
