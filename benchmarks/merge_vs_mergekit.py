@@ -17,8 +17,8 @@ mergekit is not a project dependency; install it in its own virtual environment,
 (an unpinned torch pulls the CUDA build), and pass its ``mergekit-yaml``::
 
     python -m venv /tmp/mk
-    /tmp/mk/bin/pip install "torch==2.13.0+cpu" --index-url https://download.pytorch.org/whl/cpu
-    /tmp/mk/bin/pip install mergekit "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+    /tmp/mk/bin/pip install "torch==2.13.0+cpu"
+    /tmp/mk/bin/pip install mergekit "torch==2.13.0+cpu"
     python benchmarks/merge_vs_mergekit.py --mergekit /tmp/mk/bin/mergekit-yaml [--repeats 3]
 
 Without ``--mergekit`` (or when it is not found) only our merge runs. ``--device`` is passed to
