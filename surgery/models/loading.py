@@ -124,6 +124,8 @@ def load_model(name: str, spec: ModelSpec, registries: Registries, device: str |
     """
     import transformers
 
+    import surgery.models.pruned  # noqa: F401  registers the compact pruned classes with transformers
+
     path = resolve_path(spec, registries.models)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(spec.dtype), "trust_remote_code": spec.trust_remote_code}
     offline = not downloads_allowed()
