@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from surgery.engines import tensor_merge as tm
 from surgery.engines.merge_params import TensorParams, evaluate, position
@@ -179,20 +178,7 @@ def test_gradients_interpolate_over_layers_and_filters_pick_tensors():
 
 # --- plugins through recipes --------------------------------------------------------------------
 
-def run_steps(tmp_path: Path, models: dict[str, Path], steps: list[dict], seed: int = 0) -> Path:
-    from surgery.runtime.manager import Manager
-    from surgery.runtime.recipe import validate
-    from surgery.runtime.runner import run_recipe
-
-    raw = {"name": "t", "seed": seed, "models": {k: str(v) for k, v in models.items()}, "steps": steps,
-           "output": str(tmp_path / "run")}
-    manager = Manager()
-    run_recipe(validate(raw, manager, base_dir=tmp_path), manager, quiet=True)
-    return tmp_path / "run"
-
-
-def weights(directory: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(directory / "model.safetensors"))
+from test_merge_baselines import run_steps, weights  # noqa: E402  (one recipe runner for the merge tests)
 
 
 @pytest.fixture(scope="module")
